@@ -1,0 +1,442 @@
+"""Playbooks: which entity gets which action, escalation or holdout, and why.
+
+A :class:`Playbook` is an ordered list of :class:`Rule` objects plus :class:`Guardrails`. Rules are
+evaluated in order over the whole insight DataFrame at once; the first rule that matches an entity
+decides it, and entities that match no rule are skipped. Playbooks are pydantic models, so the
+same validation applies whether they are written in Python or loaded from YAML.
+"""
+
+import ast
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from autoexec_dagster.errors import PlaybookError
+
+RuleCallable = Callable[[pd.DataFrame], pd.Series]
+
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
+_BACKTICK_RE = re.compile(r"`([^`]+)`")
+
+# Expression nodes a rule may contain: comparisons, boolean logic and arithmetic over columns and
+# literals. Calls, attributes and subscripts are refused so a playbook cannot run arbitrary code.
+_ALLOWED_NODES: tuple[type[ast.AST], ...] = (
+    ast.Expression,
+    ast.BoolOp,
+    ast.And,
+    ast.Or,
+    ast.UnaryOp,
+    ast.Not,
+    ast.USub,
+    ast.UAdd,
+    ast.Invert,
+    ast.BinOp,
+    ast.Add,
+    ast.Sub,
+    ast.Mult,
+    ast.Div,
+    ast.Mod,
+    ast.Pow,
+    ast.FloorDiv,
+    ast.BitAnd,
+    ast.BitOr,
+    ast.Compare,
+    ast.Eq,
+    ast.NotEq,
+    ast.Lt,
+    ast.LtE,
+    ast.Gt,
+    ast.GtE,
+    ast.In,
+    ast.NotIn,
+    ast.Name,
+    ast.Load,
+    ast.Constant,
+    ast.List,
+    ast.Tuple,
+)
+
+
+class ParsedExpression:
+    """A rule expression checked against the allowed grammar.
+
+    Attributes:
+        source: The expression as written (pandas query syntax).
+        columns: Column names it reads.
+        numeric_columns: Columns it compares with numbers or uses in arithmetic; they must hold
+            numeric values.
+    """
+
+    def __init__(self, source: str, columns: frozenset[str], numeric_columns: frozenset[str]):
+        self.source = source
+        self.columns = columns
+        self.numeric_columns = numeric_columns
+
+
+def parse_expression(source: str, *, rule: str) -> ParsedExpression:
+    """Parse and check a rule expression.
+
+    Args:
+        source: Expression in pandas query syntax, e.g. ``"churn_score >= 0.7 and plan == 'pro'"``.
+        rule: Name of the rule, for error messages.
+
+    Returns:
+        The columns the expression reads.
+
+    Raises:
+        PlaybookError: The expression does not parse or uses constructs rules do not allow.
+    """
+    if not source.strip():
+        raise PlaybookError(f"rule {rule!r}: the 'when' expression is empty")
+    placeholders: dict[str, str] = {}
+
+    def _swap(match: re.Match[str]) -> str:
+        name = f"__col{len(placeholders)}__"
+        placeholders[name] = match.group(1)
+        return name
+
+    python_source = _BACKTICK_RE.sub(_swap, source)
+    try:
+        tree = ast.parse(python_source, mode="eval")
+    except SyntaxError as exc:
+        raise PlaybookError(
+            f"rule {rule!r}: the expression {source!r} does not parse: {exc.msg}"
+        ) from None
+    for node in ast.walk(tree):
+        if not isinstance(node, _ALLOWED_NODES):
+            raise PlaybookError(
+                f"rule {rule!r}: the expression {source!r} uses {type(node).__name__}, which rules "
+                "do not allow (only comparisons, and/or/not, arithmetic, columns and literals)"
+            )
+    columns: set[str] = set()
+    numeric: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            columns.add(placeholders.get(node.id, node.id))
+        elif isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            if any(_is_number(o) for o in operands):
+                numeric.update(
+                    placeholders.get(o.id, o.id) for o in operands if isinstance(o, ast.Name)
+                )
+        elif isinstance(node, ast.BinOp):
+            numeric.update(
+                placeholders.get(o.id, o.id)
+                for o in (node.left, node.right)
+                if isinstance(o, ast.Name)
+            )
+    # True/False/None parse as constants in Python 3, so every Name is a column.
+    return ParsedExpression(source, frozenset(columns), frozenset(numeric))
+
+
+def _is_number(node: ast.AST) -> bool:
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+        node = node.operand
+    return (
+        isinstance(node, ast.Constant)
+        and isinstance(node.value, int | float)
+        and not isinstance(node.value, bool)
+    )
+
+
+class Rule(BaseModel):
+    """One routing rule: when it matches, act, escalate to a person, or skip.
+
+    Exactly one of ``action``, ``escalate`` or ``skip`` must be set.
+
+    Attributes:
+        name: Identifier of the rule (letters, digits, underscores), shown in the ledger.
+        when: A pandas query expression over the insight's columns, or a callable that takes the
+            insight DataFrame and returns a boolean Series (Python playbooks only).
+        action: Name of the action (a key of the ``channels`` mapping) to execute.
+        escalate: Reason text; matching entities go to the human escalation queue.
+        skip: Matching entities are deliberately left alone (and later rules do not see them).
+        reason: Why this rule acts, shown in plans and summaries; defaults to the expression.
+        columns: For callable rules, the columns the callable reads (checked before routing).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    name: str
+    when: str | RuleCallable
+    action: str | None = None
+    escalate: str | None = None
+    skip: bool = False
+    reason: str | None = None
+    columns: tuple[str, ...] = ()
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError(
+                f"rule name {value!r} must start with a letter and hold only letters, digits and "
+                "underscores (at most 63 characters)"
+            )
+        return value
+
+    @field_validator("action")
+    @classmethod
+    def _check_action(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME_RE.match(value):
+            raise ValueError(
+                f"action name {value!r} must start with a letter and hold only letters, digits "
+                "and underscores"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_outcome(self) -> "Rule":
+        chosen = [self.action is not None, self.escalate is not None, self.skip]
+        if sum(chosen) != 1:
+            raise ValueError(
+                f"rule {self.name!r} must set exactly one of 'action', 'escalate' or 'skip'"
+            )
+        if self.escalate is not None and not self.escalate.strip():
+            raise ValueError(f"rule {self.name!r}: the escalation reason is empty")
+        if isinstance(self.when, str):
+            try:
+                parse_expression(self.when, rule=self.name)
+            except PlaybookError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
+    @property
+    def decision(self) -> str:
+        """``act``, ``escalate`` or ``skip``."""
+        if self.action is not None:
+            return "act"
+        if self.escalate is not None:
+            return "escalate"
+        return "skip"
+
+    @property
+    def expression(self) -> ParsedExpression | None:
+        """The parsed expression, or None for callable rules."""
+        if isinstance(self.when, str):
+            return parse_expression(self.when, rule=self.name)
+        return None
+
+    def read_columns(self) -> frozenset[str]:
+        """Columns this rule reads."""
+        parsed = self.expression
+        return parsed.columns if parsed is not None else frozenset(self.columns)
+
+    def explanation(self) -> str:
+        """The reason recorded for entities this rule decides."""
+        if self.escalate is not None:
+            return self.escalate
+        if self.reason:
+            return self.reason
+        if isinstance(self.when, str):
+            return f"{self.name}: {self.when}"
+        return f"{self.name}: {getattr(self.when, '__qualname__', 'callable rule')}"
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The parts of the rule that change what it does, for the playbook version."""
+        when = self.when
+        if not isinstance(when, str):
+            when = f"{getattr(when, '__module__', '')}.{getattr(when, '__qualname__', repr(when))}"
+        return {
+            "name": self.name,
+            "when": when,
+            "action": self.action,
+            "escalate": self.escalate,
+            "skip": self.skip,
+        }
+
+
+class Guardrails(BaseModel):
+    """Limits enforced before anything is sent.
+
+    Attributes:
+        max_actions: Most actions one batch may execute; a larger batch is not executed and is
+            escalated as a whole. None disables the limit.
+        max_flagged_fraction: Largest plausible share of entities flagged (acted on, escalated or
+            held out). A batch above it is not executed: the whole batch is escalated, because a
+            model or data fault is far likelier than a real mass event.
+        holdout_fraction: Share of would-be actions held out as a control group; membership is
+            a salted hash of the entity id, stable across runs.
+        dry_run: Record what would be sent without sending anything.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_actions: int | None = Field(default=10_000, ge=0)
+    max_flagged_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
+    holdout_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    dry_run: bool = False
+
+
+class Playbook(BaseModel):
+    """What should happen to each entity a model flags.
+
+    Attributes:
+        name: Identifier; execution assets are named ``<name>/plan``, ``<name>/actions`` and so on.
+        entity_key: Column of the insight that identifies an entity (unique per partition).
+        rules: Ordered rules; the first matching rule decides an entity.
+        guardrails: Limits checked before anything is sent.
+        description: Free text shown in the Dagster UI.
+        version: Changes the idempotency keys. Defaults to a digest of the rules, so editing a rule
+            starts a new version (and actions under it may run again); set it explicitly to keep
+            keys stable across cosmetic edits.
+        holdout_salt: Salt of the holdout hash; change it to draw a new control group.
+        required_columns: Columns the insight must hold besides those the rules read.
+        score_ranges: Inclusive ``[low, high]`` range per numeric column, checked before routing.
+        personal_columns: Columns masked in metadata previews (emails, names, phone numbers).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    entity_key: str
+    rules: list[Rule] = Field(min_length=1)
+    guardrails: Guardrails = Field(default_factory=Guardrails)
+    description: str = ""
+    version: str | None = None
+    holdout_salt: str = ""
+    required_columns: tuple[str, ...] = ()
+    score_ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    personal_columns: tuple[str, ...] = ("email", "name", "phone", "address")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not re.match(r"^[a-z][a-z0-9_]{0,62}$", value):
+            raise ValueError(
+                f"playbook name {value!r} must be lowercase letters, digits and underscores, "
+                "starting with a letter (it becomes a Dagster asset key prefix)"
+            )
+        return value
+
+    @field_validator("entity_key")
+    @classmethod
+    def _check_entity_key(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("entity_key must name the insight column that identifies an entity")
+        return value
+
+    @field_validator("score_ranges")
+    @classmethod
+    def _check_ranges(cls, value: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        for column, (low, high) in value.items():
+            if low > high:
+                raise ValueError(f"score_ranges[{column!r}]: low {low} is above high {high}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> "Playbook":
+        seen: set[str] = set()
+        for rule in self.rules:
+            if rule.name in seen:
+                raise ValueError(
+                    f"rule name {rule.name!r} is used twice; rule names must be unique"
+                )
+            seen.add(rule.name)
+        return self
+
+    @property
+    def effective_version(self) -> str:
+        """The explicit version, or a digest of everything that changes routing."""
+        if self.version:
+            return self.version
+        payload = {
+            "name": self.name,
+            "entity_key": self.entity_key,
+            "rules": [rule.fingerprint() for rule in self.rules],
+            "holdout_fraction": self.guardrails.holdout_fraction,
+            "holdout_salt": self.holdout_salt,
+        }
+        encoded = json.dumps(payload, sort_keys=True).encode()
+        return "v-" + hashlib.sha256(encoded).hexdigest()[:12]
+
+    @property
+    def actions(self) -> list[str]:
+        """Action names the rules use, in rule order, without repeats."""
+        return list(dict.fromkeys(r.action for r in self.rules if r.action is not None))
+
+    def rule_columns(self) -> frozenset[str]:
+        """Every column the rules read."""
+        columns: set[str] = set()
+        for rule in self.rules:
+            columns |= rule.read_columns()
+        return frozenset(columns)
+
+    def numeric_columns(self) -> frozenset[str]:
+        """Columns that rules or score ranges treat as numbers."""
+        columns: set[str] = set(self.score_ranges)
+        for rule in self.rules:
+            parsed = rule.expression
+            if parsed is not None:
+                columns |= parsed.numeric_columns
+        return frozenset(columns)
+
+    def input_columns(self) -> frozenset[str]:
+        """Every column the insight must hold before routing."""
+        return frozenset(
+            {self.entity_key, *self.rule_columns(), *self.required_columns, *self.score_ranges}
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "playbook") -> "Playbook":
+        """Build a playbook from plain data (as loaded from YAML or JSON).
+
+        Raises:
+            PlaybookError: The data does not describe a valid playbook; the message lists each
+                problem with its location.
+        """
+        if not isinstance(data, dict):
+            raise PlaybookError(
+                f"{source}: expected a mapping at the top level, got {type(data).__name__}"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise PlaybookError(_format_validation_error(exc, source)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Playbook":
+        """Load a playbook from a YAML file, with the same validation as in Python.
+
+        Args:
+            path: Path of the YAML file.
+
+        Raises:
+            PlaybookError: The file is missing, is not valid YAML, or describes an invalid playbook.
+        """
+        file = Path(path)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise PlaybookError(f"cannot read playbook {str(file)!r}: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise PlaybookError(f"playbook {str(file)!r} is not valid YAML: {exc}") from None
+        return cls.from_dict(data, source=f"playbook {str(file)!r}")
+
+    def to_yaml(self) -> str:
+        """Serialise to YAML (callable rules cannot be serialised)."""
+        for rule in self.rules:
+            if not isinstance(rule.when, str):
+                raise PlaybookError(
+                    f"rule {rule.name!r} uses a callable and cannot be written to YAML"
+                )
+        data = self.model_dump(mode="json", exclude_defaults=True)
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    problems = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"  - {location}: {message}")
+    return f"{source} is invalid:\n" + "\n".join(problems)
