@@ -1,0 +1,1 @@
+"""The action ledger: durable record, outbox and escalation queue."""

@@ -1,0 +1,114 @@
+"""Tables of the action ledger, its schema version and the migrations between versions.
+
+The schema is versioned in ``autoexec_schema_version`` so a later release can migrate a ledger in
+place: add a function to :data:`MIGRATIONS` that takes version N to N+1 and bump
+:data:`SCHEMA_VERSION`.
+"""
+
+from collections.abc import Callable
+
+import sqlalchemy as sa
+
+SCHEMA_VERSION = 1
+
+# Action states. An action is reserved before its side effect and completed after it; a crash
+# leaves it in ``sending`` until recovery marks it ``in_doubt``.
+RESERVED = "reserved"
+SENDING = "sending"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+IN_DOUBT = "in_doubt"
+ESCALATED = "escalated"
+HELD_OUT = "held_out"
+SKIPPED = "skipped"
+DRY_RUN = "dry_run"
+STATES: tuple[str, ...] = (
+    RESERVED,
+    SENDING,
+    SUCCEEDED,
+    FAILED,
+    IN_DOUBT,
+    ESCALATED,
+    HELD_OUT,
+    SKIPPED,
+    DRY_RUN,
+)
+FINAL_STATES: frozenset[str] = frozenset({SUCCEEDED, FAILED, ESCALATED, HELD_OUT, SKIPPED, DRY_RUN})
+
+metadata = sa.MetaData()
+
+schema_version = sa.Table(
+    "autoexec_schema_version",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("migrated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+actions = sa.Table(
+    "autoexec_actions",
+    metadata,
+    sa.Column("idempotency_key", sa.String(80), primary_key=True),
+    sa.Column("playbook", sa.String(100), nullable=False),
+    sa.Column("playbook_version", sa.String(100), nullable=False),
+    sa.Column("insight", sa.String(300), nullable=False),
+    sa.Column("partition_key", sa.String(200), nullable=False),
+    sa.Column("entity_id", sa.String(300), nullable=False),
+    sa.Column("rule", sa.String(100), nullable=False),
+    sa.Column("action", sa.String(100)),
+    sa.Column("decision", sa.String(16), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("delivery", sa.String(16), nullable=False, server_default="at_least_once"),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("run_id", sa.String(64)),
+    sa.Column("worker", sa.String(200)),
+    # Epoch seconds: compared on every claim and recovery, cheaper and portable as a float.
+    sa.Column("lease_expires_at", sa.Float),
+    sa.Column("request_digest", sa.String(64)),
+    sa.Column("detail", sa.String(500)),
+    sa.Column("error", sa.Text),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("completed_at", sa.DateTime(timezone=True)),
+    sa.Index("ix_autoexec_actions_partition", "playbook", "partition_key"),
+    sa.Index("ix_autoexec_actions_state", "state"),
+    sa.Index("ix_autoexec_actions_worker", "worker"),
+)
+
+escalations = sa.Table(
+    "autoexec_escalations",
+    metadata,
+    sa.Column("idempotency_key", sa.String(80), primary_key=True),
+    sa.Column("playbook", sa.String(100), nullable=False),
+    sa.Column("playbook_version", sa.String(100), nullable=False),
+    sa.Column("insight", sa.String(300), nullable=False),
+    sa.Column("partition_key", sa.String(200), nullable=False),
+    sa.Column("entity_id", sa.String(300), nullable=False),
+    sa.Column("rule", sa.String(100), nullable=False),
+    # rule, guardrail, delivery_failed, circuit_open, in_doubt
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("data", sa.Text, nullable=False, server_default="{}"),
+    sa.Column("status", sa.String(16), nullable=False, server_default="open"),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("resolved_at", sa.DateTime(timezone=True)),
+    sa.Column("resolved_by", sa.String(200)),
+    sa.Column("resolution", sa.Text),
+    sa.Index("ix_autoexec_escalations_partition", "playbook", "partition_key", "status"),
+)
+
+controls = sa.Table(
+    "autoexec_controls",
+    metadata,
+    # "*" pauses every playbook; otherwise a playbook name.
+    sa.Column("scope", sa.String(100), primary_key=True),
+    sa.Column("paused", sa.Boolean, nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("updated_by", sa.String(200)),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+Migration = Callable[[sa.Connection], None]
+
+# MIGRATIONS[n] takes a ledger from version n to n + 1.
+MIGRATIONS: dict[int, Migration] = {}
