@@ -523,6 +523,7 @@ class _Run:
         self.done = 0
         self.total = 0
         self.released: list[str] = []
+        self.stopping = False
 
     async def execute(self, positions: list[int]) -> None:
         actions = self.keyed["action"].astype(str).to_numpy()
@@ -532,10 +533,11 @@ class _Run:
             self.position_of[self.keys[p]] = p
         self.total = len(positions)
         runs = [_ChannelRun(name, self.channels[name], ps) for name, ps in groups.items()]
-        flush_size = max(64, min(1000, sum(r.window for r in runs) // 2))
+        # Capacity frees only when outcomes are committed: flush well before any window fills.
+        flush_size = max(1, min(1000, sum(r.window for r in runs) // 4))
         self.flush_size = flush_size
+        flusher = asyncio.create_task(self._flusher())
         background = [
-            asyncio.create_task(self._flusher()),
             asyncio.create_task(self._heartbeat()),
             asyncio.create_task(self._watch_kill_switch()),
             asyncio.create_task(self._progress()),
@@ -546,7 +548,10 @@ class _Run:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            await self._flush()
+            # Never cancel a flush midway: its ledger write may land while its tally is lost.
+            self.stopping = True
+            self.flush_wanted.set()
+            await flusher
         for run in runs:
             if run.unclaimed and run.breaker.is_open:
                 context = _contexts(
@@ -578,6 +583,12 @@ class _Run:
             try:
                 for index in range(0, len(keys), chunk):
                     batch = keys[index : index + chunk]
+                    if not self.paused:
+                        # Checked before every claim, so a pause stops the playbook before its
+                        # next chunk even between polls of the watcher.
+                        self.paused = await asyncio.to_thread(
+                            self.ledger.pause_reason, self.info["playbook"]
+                        )
                     if self.paused or run.breaker.is_open:
                         run.unclaimed.extend(keys[index:])
                         break
@@ -747,6 +758,8 @@ class _Run:
                 await asyncio.wait_for(self.flush_wanted.wait(), timeout=0.25)
             self.flush_wanted.clear()
             await self._flush()
+            if self.stopping and not self.buffer:
+                return
 
     async def _heartbeat(self) -> None:
         while True:

@@ -1,0 +1,180 @@
+import subprocess
+import sys
+
+import pytest
+import sqlalchemy as sa
+
+from autoexec_dagster.errors import LedgerError
+from autoexec_dagster.ledger import schema
+from autoexec_dagster.ledger.action_ledger import ActionLedger, Outcome, new_worker_id
+
+
+def _rows(n: int, *, prefix: str = "k", delivery: str = "at_least_once") -> list[dict]:
+    return [
+        {
+            "idempotency_key": f"{prefix}{i}",
+            "playbook": "pb",
+            "playbook_version": "v1",
+            "insight": "scores",
+            "partition_key": "2026-11-24",
+            "entity_id": f"E{i}",
+            "rule": "r",
+            "action": "email",
+            "decision": "act",
+            "state": schema.RESERVED,
+            "delivery": delivery,
+        }
+        for i in range(n)
+    ]
+
+
+def test_schema_is_created_and_versioned(ledger_url):
+    ledger = ActionLedger(ledger_url)
+    assert ledger.schema_version == schema.SCHEMA_VERSION
+    tables = set(sa.inspect(ledger.engine).get_table_names())
+    assert {
+        "autoexec_actions",
+        "autoexec_escalations",
+        "autoexec_controls",
+        "autoexec_schema_version",
+    } <= tables
+    ActionLedger(ledger_url)  # opening again migrates nothing and fails nothing
+
+
+def test_a_newer_schema_is_refused(sqlite_url):
+    ledger = ActionLedger(sqlite_url)
+    with ledger.engine.begin() as conn:
+        conn.execute(sa.update(schema.schema_version).values(version=schema.SCHEMA_VERSION + 1))
+    with pytest.raises(LedgerError, match="newer than this release supports"):
+        ActionLedger(sqlite_url)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("not a url", "not a valid SQLAlchemy URL"),
+        ("mysql://root@127.0.0.1/test", "supports SQLite and PostgreSQL"),
+        ("sqlite:////nonexistent-folder-xyz/ledger.db", "does not exist"),
+        ("postgresql+psycopg://nobody:secret@127.0.0.1:1/none", "cannot open the action ledger"),
+    ],
+)
+def test_unopenable_ledgers_fail_clearly_without_leaking_passwords(url, message):
+    with pytest.raises(LedgerError, match=message) as caught:
+        ActionLedger(url)
+    assert "secret" not in str(caught.value)
+
+
+def test_reserve_is_idempotent_and_returns_only_new_keys(ledger_url):
+    ledger = ActionLedger(ledger_url)
+    assert sorted(ledger.reserve(_rows(3))) == ["k0", "k1", "k2"]
+    assert sorted(ledger.reserve(_rows(5))) == ["k3", "k4"]
+    assert ledger.summary()["count"].sum() == 5
+
+
+def test_two_workers_never_claim_the_same_action(ledger_url):
+    first, second = ActionLedger(ledger_url), ActionLedger(ledger_url)
+    first.reserve(_rows(100))
+    keys = [f"k{i}" for i in range(100)]
+    a = first.claim(keys[:60], worker=new_worker_id(), lease_seconds=60, run_id="r1")
+    b = second.claim(keys, worker=new_worker_id(), lease_seconds=60, run_id="r2")
+    assert len(a) == 60
+    assert sorted(b) == sorted(keys[60:])
+    assert not set(a) & set(b)
+
+
+def test_only_the_claiming_worker_completes(ledger_url):
+    ledger = ActionLedger(ledger_url)
+    ledger.reserve(_rows(2))
+    worker, intruder = new_worker_id(), new_worker_id()
+    ledger.claim(["k0", "k1"], worker=worker, lease_seconds=60, run_id=None)
+    ledger.complete([Outcome(key="k0", state=schema.SUCCEEDED, attempts=1)], worker=intruder)
+    assert ledger.states(["k0"])["k0"][0] == schema.SENDING
+    ledger.complete(
+        [
+            Outcome(key="k0", state=schema.SUCCEEDED, attempts=2, detail="HTTP 200"),
+            Outcome(
+                key="k1",
+                state=schema.FAILED,
+                attempts=5,
+                error="HTTP 500",
+                escalation_kind="delivery_failed",
+            ),
+        ],
+        worker=worker,
+        escalation_context={
+            "k1": {
+                "playbook": "pb",
+                "partition_key": "2026-11-24",
+                "entity_id": "E1",
+                "data": {"x": 1},
+            }
+        },
+    )
+    actions = ledger.actions().set_index("idempotency_key")
+    assert actions.loc["k0", "state"] == schema.SUCCEEDED and actions.loc["k0", "attempts"] == 2
+    assert actions.loc["k1", "state"] == schema.FAILED
+    queue = ledger.escalations(playbook="pb")
+    assert queue["idempotency_key"].tolist() == ["k1"]
+    assert queue.loc[0, "kind"] == "delivery_failed" and '"x": 1' in queue.loc[0, "data"]
+    assert ledger.resolve_escalation("k1", by="ana", resolution="called the customer")
+    assert ledger.escalations(playbook="pb").empty
+    assert not ledger.resolve_escalation("k1", by="ana")
+
+
+def test_recovery_of_a_dead_workers_claims(ledger_url):
+    ledger = ActionLedger(ledger_url)
+    ledger.reserve(_rows(3) + _rows(1, prefix="m", delivery="at_most_once"))
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_worker = new_worker_id().rsplit(":", 2)[0] + f":{dead.stdout.strip()}:deadbeef"
+    ledger.claim(["k0", "k1", "m0"], worker=dead_worker, lease_seconds=3600, run_id=None)
+    live = new_worker_id()
+    ledger.claim(["k2"], worker=live, lease_seconds=3600, run_id=None)
+    recovered = ledger.recover(["k0", "k1", "k2", "m0"])
+    assert recovered == {"k0": "at_least_once", "k1": "at_least_once", "m0": "at_most_once"}
+    # At-least-once in-doubt actions may be claimed again; the at-most-once one may not.
+    again = ledger.claim(["k0", "k1", "m0"], worker=live, lease_seconds=60, run_id=None)
+    assert sorted(again) == ["k0", "k1"]
+
+
+def test_expired_leases_are_recovered(ledger_url):
+    ledger = ActionLedger(ledger_url)
+    ledger.reserve(_rows(1))
+    ledger.claim(["k0"], worker="otherhost:1:abc", lease_seconds=30, run_id=None)
+    assert ledger.recover(["k0"]) == {}
+    assert ledger.recover(["k0"], now=10**12) == {"k0": "at_least_once"}
+
+
+def test_heartbeat_extends_leases(ledger_url):
+    ledger = ActionLedger(ledger_url)
+    ledger.reserve(_rows(2))
+    worker = new_worker_id()
+    ledger.claim(["k0", "k1"], worker=worker, lease_seconds=1, run_id=None)
+    assert ledger.heartbeat(worker=worker, lease_seconds=10_000) == 2
+
+
+def test_kill_switch(ledger_url):
+    ledger = ActionLedger(ledger_url)
+    assert ledger.pause_reason("pb") is None
+    ledger.pause("pb", reason="bad model release", by="ana")
+    assert ledger.pause_reason("pb") == "playbook 'pb' is paused by ana: bad model release"
+    assert ledger.pause_reason("other") is None
+    ledger.pause(reason="incident 42", by="ops")
+    assert ledger.pause_reason("other") == "every playbook is paused by ops: incident 42"
+    ledger.resume(by="ops")
+    ledger.resume("pb", by="ana")
+    assert ledger.pause_reason("pb") is None
+    assert set(ledger.controls()["scope"]) == {"*", "pb"}
+
+
+def test_release_returns_claims(ledger_url):
+    ledger = ActionLedger(ledger_url)
+    ledger.reserve(_rows(2))
+    worker = new_worker_id()
+    ledger.claim(["k0", "k1"], worker=worker, lease_seconds=60, run_id=None)
+    ledger.release(["k0"], worker=worker)
+    assert ledger.states(["k0", "k1"]) == {
+        "k0": (schema.RESERVED, None),
+        "k1": (schema.SENDING, worker),
+    }
