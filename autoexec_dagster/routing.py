@@ -108,18 +108,19 @@ def validate_insight(insight: pd.DataFrame, playbook: Playbook) -> None:
             f"it has {sorted(map(str, insight.columns))}"
         )
     ids = insight[playbook.entity_key]
-    null_ids = ids.isna()
+    id_text = ids.astype(str).to_numpy()
+    null_ids = ids.isna().to_numpy()
     if null_ids.any():
         raise InsightValidationError(
             f"playbook {playbook.name!r}: {int(null_ids.sum())} row(s) have no "
             f"{playbook.entity_key!r} (entity ids must not be null)"
         )
-    duplicated = ids.duplicated(keep=False)
+    duplicated = ids.duplicated(keep=False).to_numpy()
     if duplicated.any():
-        examples = list(dict.fromkeys(ids[duplicated].astype(str).tolist()))[:5]
+        repeated = list(dict.fromkeys(id_text[duplicated].tolist()))
         raise InsightValidationError(
             f"playbook {playbook.name!r}: entity ids in {playbook.entity_key!r} must be unique; "
-            f"{int(ids[duplicated].nunique())} id(s) repeat, e.g. {examples}"
+            f"{len(repeated)} id(s) repeat, e.g. {repeated[:5]}"
         )
     for column in sorted(playbook.numeric_columns()):
         values = insight[column]
@@ -128,21 +129,20 @@ def validate_insight(insight: pd.DataFrame, playbook: Playbook) -> None:
                 f"playbook {playbook.name!r}: column {column!r} must be numeric (a rule compares "
                 f"it with a number) but has dtype {values.dtype}"
             )
-        nan = values.isna()
+        nan = values.isna().to_numpy()
         if nan.any():
-            examples = ids[nan].astype(str).tolist()[:5]
             raise InsightValidationError(
                 f"playbook {playbook.name!r}: column {column!r} holds {int(nan.sum())} NaN "
-                f"value(s), e.g. for {playbook.entity_key} {examples}"
+                f"value(s), e.g. for {playbook.entity_key} {id_text[nan][:5].tolist()}"
             )
     for column, (low, high) in playbook.score_ranges.items():
-        values = insight[column]
+        values = insight[column].to_numpy(dtype=float)
         outside = (values < low) | (values > high)
         if outside.any():
-            examples = ids[outside].astype(str).tolist()[:5]
             raise InsightValidationError(
                 f"playbook {playbook.name!r}: column {column!r} must lie in [{low}, {high}] but "
-                f"{int(outside.sum())} value(s) do not, e.g. for {playbook.entity_key} {examples}"
+                f"{int(outside.sum())} value(s) do not, e.g. for {playbook.entity_key} "
+                f"{id_text[outside][:5].tolist()}"
             )
 
 

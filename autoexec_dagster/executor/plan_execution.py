@@ -325,7 +325,7 @@ def _escalate_batch(
                     "total": len(keyed),
                     "flagged": len(flagged),
                     "by_decision": keyed["decision"].astype(str).value_counts().to_dict(),
-                    "sample_entity_ids": flagged["entity_id"].head(100).tolist(),
+                    "sample_entity_ids": flagged["entity_id"].astype(str).tolist()[:100],
                 },
             }
         ]

@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import StaticPool
 
 from autoexec_dagster.errors import LedgerError
@@ -115,7 +116,7 @@ class ActionLedger:
     def __init__(self, url: str = DEFAULT_LEDGER_URL, *, echo: bool = False):
         try:
             parsed = sa.make_url(url)
-        except (sa.exc.ArgumentError, ValueError) as exc:
+        except (sa_exc.ArgumentError, ValueError) as exc:
             raise LedgerError(
                 f"the action ledger URL {url!r} is not a valid SQLAlchemy URL: {exc}"
             ) from None
@@ -137,7 +138,7 @@ class ActionLedger:
                 f"cannot open the action ledger at {self.display_url}: driver {exc.name!r} is not "
                 "installed (for PostgreSQL: pip install 'autoexec-dagster[postgres]')"
             ) from None
-        except (sa.exc.SQLAlchemyError, OSError) as exc:
+        except (sa_exc.SQLAlchemyError, OSError) as exc:
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
             raise LedgerError(
                 f"cannot open the action ledger at {self.display_url}: {reason}"
@@ -183,7 +184,7 @@ class ActionLedger:
     def _setup_schema(self) -> None:
         try:
             schema.metadata.create_all(self.engine, checkfirst=True)
-        except (sa.exc.OperationalError, sa.exc.ProgrammingError, sa.exc.IntegrityError):
+        except (sa_exc.OperationalError, sa_exc.ProgrammingError, sa_exc.IntegrityError):
             # Another process created the tables between our check and our CREATE.
             schema.metadata.create_all(self.engine, checkfirst=True)
         with self.engine.begin() as conn:
