@@ -1,3 +1,58 @@
-"""autoexec_dagster: an autonomous execution layer for Dagster."""
+"""autoexec_dagster: an autonomous execution layer for Dagster.
 
-__all__: list[str] = []
+Model outputs become completed, recorded work: a playbook routes each flagged entity to an
+action, a person or a holdout; channels execute the actions; the action ledger records all of it.
+"""
+
+from autoexec_dagster.channels.base import ActionRequest, Channel
+from autoexec_dagster.channels.email import EmailChannel
+from autoexec_dagster.channels.python import PythonChannel
+from autoexec_dagster.channels.sql import SqlChannel
+from autoexec_dagster.channels.webhook import WebhookChannel, verify_signature
+from autoexec_dagster.errors import (
+    AutoexecError,
+    ChannelConfigError,
+    ChannelError,
+    InsightValidationError,
+    LedgerError,
+    PermanentChannelError,
+    PlanError,
+    PlaybookError,
+    TransientChannelError,
+)
+from autoexec_dagster.executor.plan_execution import Progress, execute_plan, execute_plan_async
+from autoexec_dagster.executor.report import ExecutionReport
+from autoexec_dagster.ledger.action_ledger import ActionLedger
+from autoexec_dagster.playbook import Guardrails, Playbook, Rule
+from autoexec_dagster.routing import route, validate_insight
+from autoexec_dagster.version import __version__
+
+__all__ = [
+    "ActionLedger",
+    "ActionRequest",
+    "AutoexecError",
+    "Channel",
+    "ChannelConfigError",
+    "ChannelError",
+    "EmailChannel",
+    "ExecutionReport",
+    "Guardrails",
+    "InsightValidationError",
+    "LedgerError",
+    "PermanentChannelError",
+    "PlanError",
+    "Playbook",
+    "PlaybookError",
+    "Progress",
+    "PythonChannel",
+    "Rule",
+    "SqlChannel",
+    "TransientChannelError",
+    "WebhookChannel",
+    "__version__",
+    "execute_plan",
+    "execute_plan_async",
+    "route",
+    "validate_insight",
+    "verify_signature",
+]
