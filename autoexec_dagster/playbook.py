@@ -265,6 +265,9 @@ class Guardrails(BaseModel):
         holdout_fraction: Share of would-be actions held out as a control group; membership is
             a salted hash of the entity id, stable across runs.
         dry_run: Record what would be sent without sending anything.
+        cooldown_days: An entity that received the same action (from another partition) within
+            this many days is skipped, and the ledger says why: a customer flagged ten days in a
+            row gets one retention email, not ten. None disables the cooldown.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -273,6 +276,7 @@ class Guardrails(BaseModel):
     max_flagged_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
     holdout_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
     dry_run: bool = False
+    cooldown_days: float | None = Field(default=None, gt=0)
 
 
 class Playbook(BaseModel):

@@ -297,3 +297,34 @@ def test_progress_is_logged_on_long_batches(ledger, caplog):
     assert report.duration_seconds > 0.2
     assert seen and seen[-1].total == report.succeeded
     assert any("actions done" in message for message in caplog.messages)
+
+
+def test_cooldown_does_not_repeat_an_action_sent_recently_for_another_partition(ledger):
+    playbook = churn_playbook(max_flagged_fraction=0.9, cooldown_days=7)
+    df = churn_scores(400)
+    channels = _channels()
+    first = execute_plan(
+        route(df, playbook, partition_key="2026-11-23"),
+        playbook=playbook,
+        ledger=ledger,
+        channels=channels,
+        partition_key="2026-11-23",
+    )
+    # The next day flags the same customers plus a few new ones.
+    next_day = df.copy()
+    newly_flagged = next_day.index[next_day["churn_score"] < 0.5][:10]
+    next_day.loc[newly_flagged, ["churn_score", "lifetime_value", "confidence"]] = [0.75, 10.0, 0.9]
+    second = execute_plan(
+        route(next_day, playbook, partition_key=DAY),
+        playbook=playbook,
+        ledger=ledger,
+        channels=channels,
+        partition_key=DAY,
+    )
+    assert second.cooled_down == first.succeeded
+    assert second.succeeded == 10
+    assert second.autonomous == second.succeeded + second.cooled_down
+    skipped = ledger.actions(partition_key=DAY, states=[schema.SKIPPED]).dropna(subset=["detail"])
+    assert len(skipped) == first.succeeded
+    assert skipped["detail"].str.startswith("cooldown: ").all()
+    assert "not repeated" in second.summary_markdown()

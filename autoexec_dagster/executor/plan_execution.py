@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -202,7 +203,19 @@ async def execute_plan_async(
         report.duration_seconds = time.perf_counter() - started
         return report
 
-    to_send = _record(ledger, keyed, report, channels=channels, run_id=run_id, dry=dry)
+    cooldown: dict[tuple[str, str], datetime] = {}
+    cooldown_days = playbook.guardrails.cooldown_days
+    if cooldown_days and len(act_positions):
+        acting = keyed.iloc[act_positions]
+        cooldown = ledger.recent_deliveries(
+            playbook=playbook.name,
+            entity_ids=acting["entity_id"].astype(str).tolist(),
+            since=datetime.now(UTC) - timedelta(days=cooldown_days),
+            exclude_partition=partition,
+        )
+    to_send = _record(
+        ledger, keyed, report, channels=channels, run_id=run_id, dry=dry, cooldown=cooldown
+    )
     if not dry and to_send:
         keys = keyed["idempotency_key"].to_numpy()
         pending_keys = [keys[p] for p in to_send]
@@ -371,10 +384,12 @@ def _record(
     channels: Mapping[str, Channel],
     run_id: str | None,
     dry: bool,
+    cooldown: Mapping[tuple[str, str], datetime],
 ) -> list[int]:
     """Record every entity in the ledger; return plan positions of actions still to send.
 
-    Works in chunks so a million-row plan never holds a million row dicts at once.
+    Works in chunks so a million-row plan never holds a million row dicts at once. Actions in
+    ``cooldown`` (the entity got the same action recently) are recorded as skipped, with why.
     """
     info = keyed.attrs[PLAN_ATTRS]
     base = {
@@ -402,11 +417,18 @@ def _record(
                 if action is None or (isinstance(action, float) and math.isnan(action))
                 else str(action)
             )
+            detail = None
+            last = cooldown.get((entity_all[i], action)) if decision == "act" and action else None
+            if last is not None:
+                detail = f"cooldown: {action} delivered {last:%Y-%m-%d %H:%M} UTC"
             if dry:
                 key, state = _DRY_PREFIX + keys_all[i], DRY_RUN
             else:
                 key = keys_all[i]
-                state = RESERVED if decision == "act" else _STATE_FOR_DECISION[decision]
+                if last is not None:
+                    state = SKIPPED
+                else:
+                    state = RESERVED if decision == "act" else _STATE_FOR_DECISION[decision]
             rows.append(
                 {
                     **base,
@@ -417,6 +439,7 @@ def _record(
                     "decision": decision,
                     "state": state,
                     "delivery": delivery.get(action or "", "at_least_once"),
+                    "detail": detail,
                 }
             )
         inserted = set(ledger.reserve(rows))
@@ -428,7 +451,10 @@ def _record(
             decision = row["decision"]
             action = row["action"] or ""
             if row["idempotency_key"] in inserted:
-                if decision == "act":
+                if decision == "act" and row["detail"] is not None:
+                    report.cooled_down += 1
+                    report.count(action, "cooldown")
+                elif decision == "act":
                     if dry:
                         report.dry_run_actions += 1
                         report.count(action, "dry_run")

@@ -28,6 +28,8 @@ class ExecutionReport:
         held_out: Entities held out as the control group.
         skipped: Entities no rule acted on.
         already_done: Entities a previous execution had already finished.
+        cooled_down: Actions skipped because the entity got the same action within the
+            playbook's cooldown.
         dry_run_actions: Actions recorded as "would have been sent" in dry-run mode.
         pending: Actions left unsent (paused, or claimed by another live worker).
         claimed_elsewhere: Actions another live worker was executing at the same time.
@@ -56,6 +58,7 @@ class ExecutionReport:
     held_out: int = 0
     skipped: int = 0
     already_done: int = 0
+    cooled_down: int = 0
     dry_run_actions: int = 0
     pending: int = 0
     claimed_elsewhere: int = 0
@@ -85,8 +88,9 @@ class ExecutionReport:
 
     @property
     def autonomous(self) -> int:
-        """Flagged entities handled without a person: delivered or would-be-delivered."""
-        return self.succeeded + self.dry_run_actions
+        """Flagged entities handled without a person: delivered, would-be-delivered, or left
+        alone on purpose because the same action went out recently."""
+        return self.succeeded + self.dry_run_actions + self.cooled_down
 
     @property
     def autonomy_rate(self) -> float | None:
@@ -116,6 +120,7 @@ class ExecutionReport:
             "held_out": self.held_out,
             "skipped": self.skipped,
             "already_done": self.already_done,
+            "cooled_down": self.cooled_down,
             "dry_run": self.dry_run_actions,
             "pending": self.pending,
             "retries": self.retries,
@@ -135,6 +140,10 @@ class ExecutionReport:
             f"- {self.held_out:,} held out as control group, {self.skipped:,} skipped",
             f"- {self.failed:,} failed, {self.retries:,} retries",
         ]
+        if self.cooled_down:
+            lines.append(
+                f"- {self.cooled_down:,} not repeated: same action delivered recently (cooldown)"
+            )
         if self.already_done:
             lines.append(f"- {self.already_done:,} already done by an earlier run (nothing resent)")
         if self.pending:
@@ -185,4 +194,4 @@ class ExecutionReport:
         }
 
 
-_OUTCOMES = ("succeeded", "failed", "escalated", "held_out", "dry_run", "already_done")
+_OUTCOMES = ("succeeded", "failed", "escalated", "held_out", "cooldown", "dry_run", "already_done")

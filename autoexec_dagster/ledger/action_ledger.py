@@ -646,6 +646,37 @@ class ActionLedger:
         with self.engine.connect() as conn:
             return pd.read_sql(query, conn)
 
+    def recent_deliveries(
+        self,
+        *,
+        playbook: str,
+        entity_ids: Sequence[str],
+        since: datetime,
+        exclude_partition: str,
+    ) -> dict[tuple[str, str], datetime]:
+        """When each (entity, action) last succeeded since ``since``, in other partitions.
+
+        Used by the cooldown guardrail.
+        """
+        t = schema.actions
+        found: dict[tuple[str, str], datetime] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(list(dict.fromkeys(entity_ids))):
+                rows = conn.execute(
+                    sa.select(t.c.entity_id, t.c.action, sa.func.max(t.c.completed_at))
+                    .where(
+                        t.c.playbook == playbook,
+                        t.c.entity_id.in_(chunk),
+                        t.c.state == schema.SUCCEEDED,
+                        t.c.completed_at >= since,
+                        t.c.partition_key != exclude_partition,
+                    )
+                    .group_by(t.c.entity_id, t.c.action)
+                )
+                for entity, action, last in rows:
+                    found[(entity, action)] = last
+        return found
+
     def count_final(self, keys: Sequence[str]) -> int:
         """How many of ``keys`` are in a final state."""
         return sum(1 for state, _ in self.states(keys).values() if state in FINAL_STATES)

@@ -73,6 +73,7 @@ actions = sa.Table(
     sa.Index("ix_autoexec_actions_partition", "playbook", "partition_key"),
     sa.Index("ix_autoexec_actions_state", "state"),
     sa.Index("ix_autoexec_actions_worker", "worker"),
+    sa.Index("ix_autoexec_actions_entity", "playbook", "entity_id"),
 )
 
 escalations = sa.Table(
