@@ -226,18 +226,22 @@ def route(
     plan = frame.copy()
     # Categoricals built from codes keep 1M-row plans small and fast to build.
     plan["entity_id"] = entity_ids
-    plan["decision"] = pd.Categorical.from_codes(decision_codes, categories=list(DECISIONS))
-    plan["rule"] = pd.Categorical.from_codes(pick, categories=[r.name for r in rules] + [_NO_RULE])
+    plan["decision"] = pd.Categorical.from_codes(decision_codes, categories=pd.Index(DECISIONS))
+    plan["rule"] = pd.Categorical.from_codes(
+        pick, categories=pd.Index([r.name for r in rules] + [_NO_RULE])
+    )
     action_names = list(dict.fromkeys(r.action for r in rules if r.action is not None))
     action_codes = np.array(
         [action_names.index(r.action) if r.action is not None else -1 for r in rules] + [-1],
         dtype=np.int16,
     )[pick]
-    plan["action"] = pd.Categorical.from_codes(action_codes, categories=action_names)
+    plan["action"] = pd.Categorical.from_codes(
+        action_codes, categories=pd.Index(action_names, dtype=object)
+    )
     unique_reasons = list(dict.fromkeys(reasons))
     reason_remap = np.array([unique_reasons.index(r) for r in reasons], dtype=np.int32)
     plan["reason"] = pd.Categorical.from_codes(
-        reason_remap[reason_codes], categories=unique_reasons
+        reason_remap[reason_codes], categories=pd.Index(unique_reasons)
     )
     label_array = np.array(labels, dtype=object)[pick]
     plan["idempotency_key"] = idempotency_keys(

@@ -39,10 +39,11 @@ def postgres_admin() -> str:
 def postgres_url(postgres_admin: str) -> Iterator[str]:
     """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
     import psycopg
+    from psycopg import sql
 
     name = f"autoexec_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(postgres_admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     finally:
@@ -50,7 +51,9 @@ def postgres_url(postgres_admin: str) -> Iterator[str]:
             psycopg.connect(postgres_admin, autocommit=True) as conn,
             contextlib.suppress(Exception),
         ):
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
 
 
 @pytest.fixture
@@ -64,6 +67,12 @@ def ledger_url(request: pytest.FixtureRequest, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'ledger.db'}"
     return request.getfixturevalue("postgres_url")
+
+
+def count_true(mask: "pd.Series | np.ndarray") -> int:
+    """How many entries of a boolean mask are true, as an int."""
+    values = mask.to_numpy() if isinstance(mask, pd.Series) else mask
+    return int(np.count_nonzero(values))
 
 
 def churn_playbook(**guardrails: object) -> Playbook:

@@ -115,7 +115,7 @@ def test_only_the_claiming_worker_completes(ledger_url):
     assert actions.loc["k1", "state"] == schema.FAILED
     queue = ledger.escalations(playbook="pb")
     assert queue["idempotency_key"].tolist() == ["k1"]
-    assert queue.loc[0, "kind"] == "delivery_failed" and '"x": 1' in queue.loc[0, "data"]
+    assert queue.loc[0, "kind"] == "delivery_failed" and '"x": 1' in str(queue.loc[0, "data"])
     assert ledger.resolve_escalation("k1", by="ana", resolution="called the customer")
     assert ledger.escalations(playbook="pb").empty
     assert not ledger.resolve_escalation("k1", by="ana")

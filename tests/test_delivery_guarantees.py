@@ -67,7 +67,9 @@ def test_real_smtp_and_webhook_deliver_each_action_once(ledger_url):
     tasks = set(plan.loc[plan["action"] == "crm_task", "idempotency_key"])
     with SmtpSink() as sink, WebhookReceiver(secret=SECRET) as receiver:
         channels = {"retention_email": _email(sink), "crm_task": _webhook(receiver)}
-        report = execute_plan(plan, playbook=playbook, ledger=ledger, channels=channels, partition_key=DAY)
+        report = execute_plan(
+            plan, playbook=playbook, ledger=ledger, channels=channels, partition_key=DAY
+        )
         assert report.succeeded == len(emails) + len(tasks)
         assert receiver.unique_keys == tasks and set(receiver.deliveries.values()) == {1}
         received = sink.messages
@@ -75,7 +77,9 @@ def test_real_smtp_and_webhook_deliver_each_action_once(ledger_url):
         message_ids = {m.message["Message-ID"] for m in received}
         assert len(message_ids) == len(emails)
         assert all(any(k in mid for k in emails) for mid in message_ids)
-        again = execute_plan(plan, playbook=playbook, ledger=ledger, channels=channels, partition_key=DAY)
+        again = execute_plan(
+            plan, playbook=playbook, ledger=ledger, channels=channels, partition_key=DAY
+        )
         assert again.already_done == len(plan) and again.succeeded == 0
         assert len(sink.messages) == len(emails) and receiver.requests == len(tasks)
 
@@ -87,10 +91,14 @@ def test_a_flaky_rate_limiting_destination_loses_nothing_and_sees_no_key_twice(s
     acting = plan[plan["decision"] == "act"]
     with (
         SmtpSink() as sink,
-        WebhookReceiver(secret=SECRET, fail_rate=0.2, rate_limit_every=7, retry_after="0.05", seed=3) as receiver,
+        WebhookReceiver(
+            secret=SECRET, fail_rate=0.2, rate_limit_every=7, retry_after="0.05", seed=3
+        ) as receiver,
     ):
         channels = {"retention_email": _email(sink), "crm_task": _webhook(receiver, max_attempts=8)}
-        report = execute_plan(plan, playbook=playbook, ledger=ledger, channels=channels, partition_key=DAY)
+        report = execute_plan(
+            plan, playbook=playbook, ledger=ledger, channels=channels, partition_key=DAY
+        )
         assert receiver.statuses[500] > 0 and receiver.statuses[429] > 0
         assert report.retries >= receiver.statuses[500] + receiver.statuses[429]
         tasks = set(acting.loc[acting["action"] == "crm_task", "idempotency_key"])
@@ -103,9 +111,21 @@ def test_a_flaky_rate_limiting_destination_loses_nothing_and_sees_no_key_twice(s
         assert receiver.unique_keys == delivered
 
 
-def _start_worker(ledger_url: str, webhook_url: str, entities: int, concurrency: int) -> subprocess.Popen[str]:
+def _start_worker(
+    ledger_url: str, webhook_url: str, entities: int, concurrency: int
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [*WORKER, "--ledger", ledger_url, "--webhook", webhook_url, "--entities", str(entities), "--concurrency", str(concurrency)],
+        [
+            *WORKER,
+            "--ledger",
+            ledger_url,
+            "--webhook",
+            webhook_url,
+            "--entities",
+            str(entities),
+            "--concurrency",
+            str(concurrency),
+        ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -137,14 +157,14 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_duplicates_stay_in_the_wind
                 worker.kill()
         assert worker.returncode == -signal.SIGKILL
         ledger = ActionLedger(ledger_url)
-        states = ledger.summary().groupby("state")["count"].sum().to_dict()
+        states = ledger.state_counts()
         in_flight = states.get(schema.SENDING, 0)
         assert states.get(schema.SUCCEEDED, 0) < entities, "the kill came too late to test anything"
         assert in_flight <= window
 
         restarted = _report(_start_worker(ledger_url, receiver.url, entities, concurrency))
         assert restarted["in_doubt_recovered"] == in_flight
-        final = ledger.summary().groupby("state")["count"].sum().to_dict()
+        final = ledger.state_counts()
         assert final == {schema.SUCCEEDED: entities}
         # Nothing lost: the receiver saw every key.
         assert receiver.unique_keys == keys

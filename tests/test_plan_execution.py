@@ -14,7 +14,7 @@ from autoexec_dagster.ledger import schema
 from autoexec_dagster.ledger.action_ledger import ActionLedger
 from autoexec_dagster.routing import route
 from tests.channel_doubles import RecordingChannel, fail_first
-from tests.conftest import churn_playbook, churn_scores
+from tests.conftest import churn_playbook, churn_scores, count_true
 
 DAY = "2026-11-24"
 
@@ -85,7 +85,7 @@ def test_transient_failures_are_retried_with_the_same_key(ledger):
     for channel in channels.values():
         channel.behave(fail_first(2, lambda: TransientChannelError("HTTP 429", retry_after=0.001)))
     report = _run(plan, ledger, channels)
-    acting = int((plan["decision"] == "act").sum())
+    acting = count_true(plan["decision"] == "act")
     assert report.succeeded == acting
     assert report.retries == 2 * acting
     attempts = channels["retention_email"].attempts + channels["crm_task"].attempts
@@ -99,7 +99,7 @@ def test_permanent_failures_fail_once_and_are_escalated(ledger):
     channels = _channels(circuit_breaker_threshold=10_000)
     channels["crm_task"].behave(fail_first(99, lambda: PermanentChannelError("HTTP 400: bad task")))
     report = _run(plan, ledger, channels)
-    crm = int((plan["action"] == "crm_task").sum())
+    crm = count_true(plan["action"] == "crm_task")
     assert report.failed == crm
     assert set(channels["crm_task"].attempts.values()) == {1}
     queue = ledger.escalations(partition_key=DAY)
@@ -113,7 +113,7 @@ def test_an_open_circuit_escalates_the_rest_instead_of_hammering(ledger):
     channels = _channels(circuit_breaker_threshold=5, max_attempts=3, max_concurrency=2)
     channels["crm_task"].behave(fail_first(99, lambda: TransientChannelError("connection refused")))
     report = _run(plan, ledger, channels)
-    crm = int((plan["action"] == "crm_task").sum())
+    crm = count_true(plan["action"] == "crm_task")
     assert "crm_task" in report.circuit_opened
     assert sum(channels["crm_task"].attempts.values()) < 20  # not crm * max_attempts
     assert (
@@ -132,7 +132,7 @@ def test_dry_run_sends_nothing_and_does_not_block_the_real_run(ledger):
     plan = route(churn_scores(500), churn_playbook(max_flagged_fraction=0.9), partition_key=DAY)
     channels = _channels()
     dry = _run(plan, ledger, channels, dry_run=True)
-    acting = int((plan["decision"] == "act").sum())
+    acting = count_true(plan["decision"] == "act")
     assert dry.dry_run and dry.dry_run_actions == acting and dry.succeeded == 0
     assert not channels["crm_task"].delivered and not channels["retention_email"].delivered
     assert ledger.escalations().empty  # dry runs open no real escalations
@@ -172,7 +172,7 @@ def test_kill_switch_stops_before_the_first_action_and_resume_continues(ledger):
     ledger.pause(reason="model v3 is broken", by="ana")
     report = _run(plan, ledger, channels)
     assert report.paused_reason and "model v3 is broken" in report.paused_reason
-    assert report.pending == int((plan["decision"] == "act").sum())
+    assert report.pending == count_true(plan["decision"] == "act")
     assert not channels["crm_task"].delivered and ledger.summary().empty
     ledger.resume(by="ana")
     assert _run(plan, ledger, channels).succeeded == report.pending
@@ -180,7 +180,7 @@ def test_kill_switch_stops_before_the_first_action_and_resume_continues(ledger):
 
 def test_kill_switch_mid_batch_releases_unsent_actions(ledger, sqlite_url):
     plan = route(churn_scores(3_000), churn_playbook(max_flagged_fraction=0.9), partition_key=DAY)
-    acting = int((plan["decision"] == "act").sum())
+    acting = count_true(plan["decision"] == "act")
     channels = _channels(max_concurrency=1)
     sent = {"n": 0}
 
@@ -197,7 +197,7 @@ def test_kill_switch_mid_batch_releases_unsent_actions(ledger, sqlite_url):
     # per channel.
     assert 50 <= report.succeeded <= 50 + 2 * 16
     assert report.succeeded + report.pending == acting
-    states = ledger.summary().groupby("state")["count"].sum()
+    states = ledger.state_counts()
     assert states.get(schema.SENDING, 0) == 0
     ledger.resume("churn_outreach", by="ops")
     for channel in channels.values():
@@ -291,7 +291,7 @@ def test_progress_is_logged_on_long_batches(ledger, caplog):
         report = _run(
             plan, ledger, channels, progress_interval_seconds=0.1, on_progress=seen.append
         )
-    assert report.succeeded == int((plan["decision"] == "act").sum())
+    assert report.succeeded == count_true(plan["decision"] == "act")
     # Each channel has ~40 actions: a burst of 40 tokens, then 40/s; the rate limit stretches
     # the batch over several progress intervals.
     assert report.duration_seconds > 0.2

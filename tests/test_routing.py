@@ -59,7 +59,7 @@ def test_keys_are_deterministic_and_scoped():
             if a.loc[0, "decision"] in ("act", "holdout")
             else f"{a.loc[0, 'decision']}:{a.loc[0, 'rule']}"
         ],
-        entity_ids=[a.loc[0, "entity_id"]],
+        entity_ids=[str(a.loc[0, "entity_id"])],
     )
     assert key == [a.loc[0, "idempotency_key"]]
 

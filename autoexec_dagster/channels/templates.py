@@ -125,13 +125,14 @@ def request_context(request: ActionRequest) -> dict[str, Any]:
     return context
 
 
-def row_context(row: Mapping[str, Any]) -> dict[str, Any]:
+def row_context(row: Mapping[Any, Any]) -> dict[str, Any]:
     """Template variables for validating one plan row before any request exists.
 
     Request fields the plan does not carry as columns get a placeholder (``attempt`` gets 1), so
     validation renders the same variables a send will.
     """
-    context = dict(row)
+    # DataFrame records are keyed by column labels; templates address them as strings.
+    context = {str(key): value for key, value in row.items()}
     for name in REQUEST_FIELDS:
         if name not in context:
             context[name] = 1 if name == "attempt" else f"<{name}>"

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -643,7 +643,7 @@ class _Run:
 
     def _requests(self, claimed: Sequence[str]) -> list[ActionRequest]:
         positions = [self.position_of[k] for k in claimed]
-        records = self.keyed.iloc[positions].to_dict("records")
+        records = cast(list[dict[str, Any]], self.keyed.iloc[positions].to_dict("records"))
         info = self.info
         return [
             ActionRequest(

@@ -602,6 +602,19 @@ class ActionLedger:
         with self.engine.connect() as conn:
             return pd.read_sql(query.order_by(t.c.playbook, t.c.partition_key), conn)
 
+    def state_counts(
+        self, *, playbook: str | None = None, partition_key: str | None = None
+    ) -> dict[str, int]:
+        """Number of actions per state."""
+        t = schema.actions
+        query = sa.select(t.c.state, sa.func.count()).group_by(t.c.state)
+        if playbook is not None:
+            query = query.where(t.c.playbook == playbook)
+        if partition_key is not None:
+            query = query.where(t.c.partition_key == partition_key)
+        with self.engine.connect() as conn:
+            return {state: int(n) for state, n in conn.execute(query)}
+
     def actions(
         self,
         *,
