@@ -11,7 +11,15 @@ import sys
 
 import pandas as pd
 
-from autoexec_dagster import ActionLedger, Guardrails, Playbook, Rule, WebhookChannel, execute_plan, route
+from autoexec_dagster import (
+    ActionLedger,
+    Guardrails,
+    Playbook,
+    Rule,
+    WebhookChannel,
+    execute_plan,
+    route,
+)
 
 SECRET = "whsec_dGVzdC1zZWNyZXQtZm9yLWRlbGl2ZXJ5LXRlc3Rz"
 PARTITION = "2026-11-24"
@@ -29,7 +37,9 @@ def playbook() -> Playbook:
 
 def insight(n: int) -> pd.DataFrame:
     """``n`` accounts with a score, the same on every call."""
-    return pd.DataFrame({"account_id": [f"A{i:06d}" for i in range(n)], "score": [i % 100 / 100 for i in range(n)]})
+    return pd.DataFrame(
+        {"account_id": [f"A{i:06d}" for i in range(n)], "score": [i % 100 / 100 for i in range(n)]}
+    )
 
 
 def plan_keys(n: int) -> list[str]:

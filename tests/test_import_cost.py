@@ -8,10 +8,11 @@ HEAVY = ("great_expectations", "sklearn", "aiosmtpd")
 
 def test_import_does_not_load_heavy_modules():
     code = (
-        "import sys, autoexec_dagster; "
-        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+        f"import sys, autoexec_dagster; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == ""
 
 
