@@ -9,6 +9,8 @@ from autoexec_dagster.channels.email import EmailChannel
 from autoexec_dagster.channels.python import PythonChannel
 from autoexec_dagster.channels.sql import SqlChannel
 from autoexec_dagster.channels.webhook import WebhookChannel, verify_signature
+from autoexec_dagster.components.execution_component import ExecutionComponent
+from autoexec_dagster.dagster.defs_factory import build_execution_defs
 from autoexec_dagster.errors import (
     AutoexecError,
     ChannelConfigError,
@@ -35,6 +37,7 @@ __all__ = [
     "ChannelConfigError",
     "ChannelError",
     "EmailChannel",
+    "ExecutionComponent",
     "ExecutionReport",
     "Guardrails",
     "InsightValidationError",
@@ -50,6 +53,7 @@ __all__ = [
     "TransientChannelError",
     "WebhookChannel",
     "__version__",
+    "build_execution_defs",
     "execute_plan",
     "execute_plan_async",
     "route",

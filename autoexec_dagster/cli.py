@@ -1,0 +1,319 @@
+"""``autoexec``: the action ledger for people, from a terminal.
+
+::
+
+    autoexec summary [--playbook P] [--partition K]     counts per decision/state, autonomy rate
+    autoexec escalations --playbook P [--partition K] [--status open|resolved|all] [--limit N]
+    autoexec resolve KEY --by NAME [--note TEXT]        close an escalation (or a unique prefix)
+    autoexec pause [--playbook P] --reason TEXT --by NAME
+    autoexec resume [--playbook P] --by NAME
+    autoexec status                                     the kill switch
+
+Every command takes ``--ledger URL``; without it, ``$AUTOEXEC_LEDGER_URL``, then the default the
+Dagster integration uses (``autoexec_ledger.db`` in ``$DAGSTER_HOME``, else the working directory).
+Errors are printed without a traceback and exit with status 2.
+"""
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from autoexec_dagster.dagster.ledger_resource import LEDGER_URL_ENV, default_ledger_url
+from autoexec_dagster.dagster.metadata import escalations_frame, mask_emails
+from autoexec_dagster.errors import AutoexecError
+from autoexec_dagster.ledger.action_ledger import ActionLedger
+from autoexec_dagster.playbook import Playbook
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# The playbook's default personal columns; the CLI does not know each playbook's own list.
+DEFAULT_PERSONAL_COLUMNS: tuple[str, ...] = tuple(Playbook.model_fields["personal_columns"].default)
+_AUTONOMOUS_STATES = ("succeeded", "dry_run")
+_HUMAN_STATES = ("escalated", "failed")
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _ledger_option(fn: F) -> F:
+    return click.option(
+        "--ledger",
+        "ledger_url",
+        envvar=LEDGER_URL_ENV,
+        show_envvar=True,
+        default=None,
+        metavar="URL",
+        help="SQLAlchemy URL of the action ledger (default: the Dagster integration's default).",
+    )(fn)
+
+
+def _open(ledger_url: str | None, *, must_exist: bool = True) -> ActionLedger:
+    """Open the ledger; refuse to create an empty SQLite file for a command that only reads."""
+    url = ledger_url or default_ledger_url()
+    try:
+        parsed = sa.make_url(url)
+    except (ArgumentError, ValueError) as exc:
+        _fail(f"the ledger URL {url!r} is not a valid SQLAlchemy URL: {exc}")
+    if must_exist and parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database not in ("", ":memory:") and not Path(database).exists():
+            _fail(
+                f"no action ledger at {database} (pass --ledger URL or set {LEDGER_URL_ENV}; "
+                "a ledger is created by the first execution)"
+            )
+    try:
+        return ActionLedger(url)
+    except AutoexecError as exc:
+        _fail(str(exc))
+
+
+def _table(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "(none)"
+    return frame.to_string(index=False, max_colwidth=60)
+
+
+class _Group(click.Group):
+    """Prints expected failures as one line, without a traceback, and exits with status 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AutoexecError as exc:
+            _fail(str(exc))
+        except SQLAlchemyError as exc:
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            _fail(f"the action ledger could not be read or written: {reason}")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Look at and steer autoexec_dagster's action ledger: summaries, escalations, kill switch."""
+
+
+@cli.command()
+@_ledger_option
+@click.option("--playbook", "-p", default=None, help="Only this playbook.")
+@click.option("--partition", "-k", default=None, help="Only this insight partition.")
+def summary(ledger_url: str | None, playbook: str | None, partition: str | None) -> None:
+    """Counts per decision, action and state, and the autonomy rate."""
+    ledger = _open(ledger_url)
+    counts = ledger.summary(playbook=playbook, partition_key=partition)
+    queue = ledger.escalations(playbook=playbook, partition_key=partition, status="open")
+    if counts.empty and queue.empty:
+        click.echo("No actions recorded" + _scope(playbook, partition) + ".")
+        return
+    counts = counts.assign(action=counts["action"].fillna("-"))
+    click.echo(_table(counts))
+    by_state = counts.groupby("state")["count"].sum()
+    acted = counts[counts["decision"] == "act"].groupby("state")["count"].sum()
+    autonomous = int(sum(acted.get(s, 0) for s in _AUTONOMOUS_STATES))
+    human = int(sum(by_state.get(s, 0) for s in _HUMAN_STATES))
+    flagged = autonomous + human
+    click.echo("")
+    if flagged:
+        click.echo(
+            f"Autonomy rate: {autonomous / flagged:.1%} ({autonomous:,} of {flagged:,} flagged "
+            "entities handled without a person; holdouts excluded)"
+        )
+    else:
+        click.echo("Autonomy rate: n/a (nothing flagged yet)")
+    click.echo(f"Open escalations: {len(queue):,}")
+
+
+def _scope(playbook: str | None, partition: str | None) -> str:
+    parts = [f"playbook {playbook!r}"] if playbook else []
+    if partition:
+        parts.append(f"partition {partition!r}")
+    return (" for " + ", ".join(parts)) if parts else ""
+
+
+@cli.command()
+@_ledger_option
+@click.option("--playbook", "-p", required=True, help="The playbook whose queue to show.")
+@click.option("--partition", "-k", default=None, help="Only this insight partition.")
+@click.option(
+    "--status",
+    type=click.Choice(["open", "resolved", "all"]),
+    default="open",
+    show_default=True,
+)
+@click.option("--limit", "-n", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option(
+    "--show-personal",
+    is_flag=True,
+    help="Show personal columns (email, name, phone, address, and any --mask column) unmasked.",
+)
+@click.option(
+    "--mask",
+    "extra_masked",
+    multiple=True,
+    metavar="COLUMN",
+    help="Also mask this column of the entity data (repeatable).",
+)
+def escalations(
+    ledger_url: str | None,
+    playbook: str,
+    partition: str | None,
+    status: str,
+    limit: int,
+    show_personal: bool,
+    extra_masked: Sequence[str],
+) -> None:
+    """The escalation queue: why each entity needs a person, with its data."""
+    ledger = _open(ledger_url)
+    queue = ledger.escalations(
+        playbook=playbook,
+        partition_key=partition,
+        status=None if status == "all" else status,
+        limit=limit,
+    )
+    if queue.empty:
+        click.echo(
+            f"No {'' if status == 'all' else status + ' '}escalations"
+            + _scope(playbook, partition)
+            + "."
+        )
+        return
+    if show_personal:
+        view = escalations_frame(queue, personal_columns=())
+        view["data"] = [_raw_data(raw) for raw in queue["data"]]
+    else:
+        view = escalations_frame(queue, personal_columns=(*DEFAULT_PERSONAL_COLUMNS, *extra_masked))
+    view.insert(4, "status", queue["status"].astype(str))
+    view["created"] = pd.to_datetime(queue["created_at"]).dt.strftime("%Y-%m-%d %H:%M")
+    for _, row in view.iterrows():
+        origin = f"rule {row['rule']}" if row["kind"] == "rule" else f"{row['kind']}"
+        click.echo(
+            f"{row['key']}  [{row['status']}]  {row['partition'] or '-'}  entity {row['entity_id']}"
+            f"  ({origin}, {row['created']})"
+        )
+        click.echo(f"    reason: {row['reason'] if show_personal else mask_emails(row['reason'])}")
+        if row["data"]:
+            click.echo(f"    data:   {row['data']}")
+    shown = len(view)
+    click.echo("")
+    click.echo(
+        f"{shown} escalation(s) shown"
+        + (f" (--limit {limit} reached)" if shown == limit else "")
+        + ". Resolve one with: autoexec resolve KEY --by NAME [--note TEXT]"
+    )
+
+
+def _raw_data(raw: Any) -> str:
+    try:
+        data = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        return str(raw)
+    if isinstance(data, dict):
+        return ", ".join(f"{k}={v}" for k, v in data.items() if k != "entity_id")
+    return str(data)
+
+
+def _match_key(ledger: ActionLedger, prefix: str) -> str:
+    """The full key of the open escalation a (unique) prefix names."""
+    if len(prefix) >= 32:
+        return prefix
+    if len(prefix) < 6:
+        _fail("give at least 6 characters of the escalation key")
+    queue = ledger.escalations(status="open")
+    matches = [k for k in queue["idempotency_key"].astype(str) if k.startswith(prefix)]
+    if not matches:
+        _fail(f"no open escalation has a key starting with {prefix!r}")
+    if len(matches) > 1:
+        _fail(
+            f"{len(matches)} open escalations have keys starting with {prefix!r}: "
+            f"{', '.join(matches[:5])}; give more characters"
+        )
+    return matches[0]
+
+
+@cli.command()
+@_ledger_option
+@click.argument("key")
+@click.option("--by", "by", required=True, help="Who resolved it (recorded in the ledger).")
+@click.option("--note", default="", help="What was done.")
+def resolve(ledger_url: str | None, key: str, by: str, note: str) -> None:
+    """Close the open escalation KEY (its full key, or a unique prefix of 6+ characters)."""
+    ledger = _open(ledger_url)
+    full = _match_key(ledger, key)
+    if not ledger.resolve_escalation(full, by=by, resolution=note):
+        _fail(f"no open escalation with key {full!r} (already resolved, or a typo?)")
+    click.echo(f"Resolved {full} (by {by}).")
+
+
+@cli.command()
+@_ledger_option
+@click.option("--playbook", "-p", default=None, help="Pause only this playbook (default: all).")
+@click.option("--reason", required=True, help="Why; shown to anyone whose run is stopped.")
+@click.option("--by", "by", required=True, help="Who paused.")
+def pause(ledger_url: str | None, playbook: str | None, reason: str, by: str) -> None:
+    """Stop a playbook (or every playbook) before its next action."""
+    ledger = _open(ledger_url, must_exist=False)
+    ledger.pause(playbook or "*", reason=reason, by=by)
+    target = f"playbook {playbook!r}" if playbook else "every playbook"
+    click.echo(
+        f"Paused {target}: {reason} (by {by}). Running batches stop before their next action."
+    )
+
+
+@cli.command()
+@_ledger_option
+@click.option("--playbook", "-p", default=None, help="Resume only this playbook (default: all).")
+@click.option("--by", "by", required=True, help="Who resumed.")
+def resume(ledger_url: str | None, playbook: str | None, by: str) -> None:
+    """Lift a pause set with ``autoexec pause``."""
+    ledger = _open(ledger_url)
+    scope = playbook or "*"
+    controls = ledger.controls()
+    paused = controls[(controls["scope"] == scope) & controls["paused"].astype(bool)]
+    if paused.empty:
+        _fail(
+            f"{'playbook ' + repr(playbook) if playbook else 'the global switch'} is not paused"
+            + _still_paused(controls, scope)
+        )
+    ledger.resume(scope, by=by)
+    target = f"playbook {playbook!r}" if playbook else "every playbook"
+    click.echo(f"Resumed {target} (by {by})." + _still_paused(ledger.controls(), None))
+
+
+def _still_paused(controls: pd.DataFrame, exclude: str | None) -> str:
+    active = [
+        str(s)
+        for s, p in zip(controls["scope"], controls["paused"], strict=True)
+        if bool(p) and s != exclude
+    ]
+    if not active:
+        return ""
+    names = ", ".join("every playbook (*)" if s == "*" else repr(s) for s in active)
+    return f"; still paused: {names}"
+
+
+@cli.command()
+@_ledger_option
+def status(ledger_url: str | None) -> None:
+    """The kill switch: which playbooks are paused, by whom and why."""
+    ledger = _open(ledger_url)
+    controls = ledger.controls()
+    active = controls[controls["paused"].astype(bool)] if not controls.empty else controls
+    if active.empty:
+        click.echo(f"No pause is set: every playbook may run. (ledger: {ledger.display_url})")
+        return
+    for row in active.itertuples(index=False):
+        target = "every playbook" if row.scope == "*" else f"playbook {row.scope!r}"
+        when = pd.Timestamp(row.updated_at).strftime("%Y-%m-%d %H:%M")  # type: ignore[arg-type]
+        click.echo(f"PAUSED {target} by {row.updated_by} at {when}: {row.reason}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``autoexec`` command."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name="autoexec")

@@ -1,0 +1,263 @@
+"""``build_execution_defs``: add an execution layer to an existing Dagster project in a few lines.
+
+::
+
+    import dagster as dg
+    from autoexec_dagster import build_execution_defs
+
+    defs = dg.Definitions.merge(
+        existing_defs,
+        build_execution_defs(
+            insight="churn_scores",
+            playbook="playbooks/churn.yaml",
+            channels={"retention_email": email_channel, "crm_task": crm_channel},
+            ledger="postgresql+psycopg://autoexec@db/autoexec",
+        ),
+    )
+
+The returned Definitions bind one resource, ``autoexec_<playbook>_io_manager``; the ledger and the
+channels are closed over by the ops, so merging with a project that binds ``io_manager``,
+``ledger`` or any other common key never conflicts.
+"""
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import dagster as dg
+
+from autoexec_dagster.channels.base import Channel
+from autoexec_dagster.dagster.execution_assets import (
+    ExecuteFn,
+    ExecutionSetup,
+    build_execution_assets,
+    default_execute,
+    execution_asset_keys,
+    execution_resources,
+)
+from autoexec_dagster.dagster.insight_checks import build_insight_checks
+from autoexec_dagster.dagster.insight_sensor import (
+    FLAGGED_METADATA_KEY,
+    build_execution_schedule,
+    build_insight_sensor,
+)
+from autoexec_dagster.dagster.ledger_resource import LedgerHandle
+from autoexec_dagster.dagster.metadata import PREVIEW_ROWS
+from autoexec_dagster.errors import ChannelConfigError, PlaybookError
+from autoexec_dagster.ledger.action_ledger import ActionLedger
+from autoexec_dagster.playbook import Playbook
+
+InsightRef = dg.AssetKey | str | Sequence[str] | dg.AssetsDefinition | dg.AssetSpec
+
+
+def resolve_insight(insight: InsightRef) -> tuple[dg.AssetKey, dg.PartitionsDefinition | None]:
+    """The insight's key and, when the reference carries them, its partitions.
+
+    Args:
+        insight: An AssetKey, a string (``"a/b"`` path or a plain name), a sequence of key
+            parts, an AssetsDefinition with one asset, or an AssetSpec.
+
+    Returns:
+        ``(key, partitions_def)``; a bare key carries no partitions (None).
+
+    Raises:
+        TypeError: ``insight`` is none of the accepted forms.
+        ValueError: An AssetsDefinition holds several assets (pass the one key instead).
+    """
+    if isinstance(insight, dg.AssetsDefinition):
+        keys = list(insight.keys)
+        if len(keys) != 1:
+            raise ValueError(
+                f"the insight AssetsDefinition holds {len(keys)} assets "
+                f"({', '.join(k.to_user_string() for k in keys)}); pass the key of the insight, "
+                "with partitions_def=, instead"
+            )
+        return keys[0], insight.partitions_def
+    if isinstance(insight, dg.AssetSpec):
+        return insight.key, insight.partitions_def
+    if isinstance(insight, dg.AssetKey):
+        return insight, None
+    if isinstance(insight, str):
+        if not insight.strip():
+            raise ValueError("the insight asset key is empty")
+        return dg.AssetKey.from_user_string(insight.strip()), None
+    if isinstance(insight, Sequence) and insight and all(isinstance(p, str) for p in insight):
+        return dg.AssetKey(list(insight)), None
+    raise TypeError(
+        "insight must be an AssetKey, a key string ('a/b' or a name), a sequence of key parts, "
+        f"an AssetsDefinition or an AssetSpec, got {type(insight).__name__}"
+    )
+
+
+def resolve_playbook(playbook: Playbook | str | os.PathLike[str]) -> Playbook:
+    """A Playbook, or one loaded from a YAML path.
+
+    Raises:
+        PlaybookError: The file is missing or does not describe a valid playbook.
+    """
+    if isinstance(playbook, Playbook):
+        return playbook
+    if isinstance(playbook, str | os.PathLike):
+        return Playbook.from_yaml(Path(playbook))
+    raise PlaybookError(
+        f"playbook must be a Playbook or the path of a YAML file, got {type(playbook).__name__}"
+    )
+
+
+def check_channels(playbook: Playbook, channels: Mapping[str, Channel]) -> None:
+    """Every action of the playbook has a channel, and every channel is a Channel.
+
+    Raises:
+        ChannelConfigError: An action has no channel, or a value is not a Channel; raised when
+            definitions load rather than in the first run.
+    """
+    for action, channel in channels.items():
+        if not isinstance(channel, Channel):
+            raise ChannelConfigError(
+                f"channels[{action!r}] must be an autoexec_dagster Channel (EmailChannel, "
+                f"WebhookChannel, SqlChannel, PythonChannel, ...), got {type(channel).__name__}"
+            )
+    missing = [a for a in playbook.actions if a not in channels]
+    if missing:
+        users = {a: [r.name for r in playbook.rules if r.action == a] for a in missing}
+        detail = "; ".join(f"{a!r} (rule {', '.join(users[a])})" for a in missing)
+        raise ChannelConfigError(
+            f"playbook {playbook.name!r} has no channel for action(s) {detail}; channels given: "
+            f"{sorted(channels) or 'none'}"
+        )
+
+
+def build_execution_defs(
+    *,
+    insight: InsightRef,
+    playbook: Playbook | str | os.PathLike[str],
+    channels: Mapping[str, Channel],
+    ledger: ActionLedger | str | None = None,
+    partitions_def: dg.PartitionsDefinition | None = None,
+    dry_run: bool | None = None,
+    group_name: str | None = None,
+    sensor_default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.STOPPED,
+    minimum_interval_seconds: int = 30,
+    flagged_metadata_key: str = FLAGGED_METADATA_KEY,
+    schedule: str | None = None,
+    schedule_default_status: dg.DefaultScheduleStatus = dg.DefaultScheduleStatus.STOPPED,
+    schedule_timezone: str | None = None,
+    flagged_share_blocking: bool = False,
+    preview_rows: int = PREVIEW_ROWS,
+    execute_fn: ExecuteFn | None = None,
+) -> dg.Definitions:
+    """Definitions that execute a playbook on every new partition of an insight asset.
+
+    The insight must load through its own IO manager as a pandas DataFrame (one row per entity;
+    objects with ``to_pandas()`` are converted). Merge the result with the project that defines
+    the insight: ``dg.Definitions.merge(existing_defs, build_execution_defs(...))``.
+
+    Args:
+        insight: The insight asset: an AssetKey, a key string (``"a/b"`` path or a name), a
+            sequence of key parts, its AssetsDefinition or its AssetSpec.
+        playbook: A Playbook, or the path of a playbook YAML file.
+        channels: The channel executing each action the playbook names.
+        ledger: An ActionLedger, a SQLAlchemy URL, or None for the default
+            (``$AUTOEXEC_LEDGER_URL``, else ``autoexec_ledger.db`` in ``$DAGSTER_HOME`` or the
+            working directory), opened on first use in the executing process.
+        partitions_def: The insight's partitions. Taken from the insight when it is an
+            AssetsDefinition or AssetSpec; required when ``insight`` is only a key and the
+            insight is partitioned, or the execution assets would read every partition at once.
+        dry_run: Record what would be sent without sending; None follows the playbook.
+        group_name: Asset group of the execution assets (default: the playbook name).
+        sensor_default_status: Whether the sensor runs without being switched on. STOPPED by
+            default: starting to hit real destinations should be a decision.
+        minimum_interval_seconds: Least time between two sensor ticks.
+        flagged_metadata_key: Insight materialization metadata key holding the number of
+            flagged entities (see
+            :func:`~autoexec_dagster.dagster.insight_sensor.flagged_metadata`).
+        schedule: Cron string of an optional batch schedule over the execution job.
+        schedule_default_status: Whether that schedule runs without being switched on.
+        schedule_timezone: Timezone of the cron string (default UTC).
+        flagged_share_blocking: Make the flagged-share check blocking. By default it reports
+            ERROR without blocking, and the executor's guardrail escalates the whole batch.
+        preview_rows: Rows in each metadata preview (at most 100).
+        execute_fn: Replaces how a routed plan is executed; see
+            :class:`~autoexec_dagster.dagster.execution_assets.ExecuteFn`.
+
+    Returns:
+        Definitions holding the execution assets ``<playbook>/plan``, ``<playbook>/actions``
+        and ``<playbook>/escalations``, the checks ``<playbook>_valid_input`` (blocking) and
+        ``<playbook>_flagged_share`` on the insight, the job ``<playbook>_execution_job``, the
+        sensor ``<playbook>_sensor``, the optional schedule ``<playbook>_schedule``, and the
+        resource ``autoexec_<playbook>_io_manager``.
+
+    Raises:
+        PlaybookError: The playbook is invalid or its file cannot be read.
+        ChannelConfigError: An action of the playbook has no channel.
+        LedgerError: ``ledger`` is a malformed URL.
+        TypeError: ``insight`` has an unsupported type.
+        ValueError: An option is out of range.
+    """
+    book = resolve_playbook(playbook)
+    insight_key, insight_partitions = resolve_insight(insight)
+    check_channels(book, channels)
+    if minimum_interval_seconds < 1:
+        raise ValueError("minimum_interval_seconds must be at least 1")
+    if not 0 <= preview_rows <= 100:
+        raise ValueError("preview_rows must be between 0 and 100")
+    if insight_key in execution_asset_keys(book):
+        raise ValueError(f"the insight {insight_key.to_user_string()!r} is an execution asset")
+
+    setup = ExecutionSetup(
+        playbook=book,
+        insight_key=insight_key,
+        partitions_def=partitions_def if partitions_def is not None else insight_partitions,
+        ledger=LedgerHandle(ledger),
+        channels=dict(channels),
+        dry_run=dry_run,
+        group_name=group_name or book.name,
+        preview_rows=preview_rows,
+        execute_fn=execute_fn or default_execute,
+    )
+    assets = build_execution_assets(setup)
+    checks = build_insight_checks(
+        insight_key=insight_key,
+        playbook=book,
+        partitions_def=setup.partitions_def,
+        flagged_share_blocking=flagged_share_blocking,
+    )
+    # The checks are part of the job so that the blocking check runs in the same run as the
+    # execution assets: a blocking check only holds back downstream steps of its own run.
+    job = dg.define_asset_job(
+        name=f"{book.name}_execution_job",
+        selection=dg.AssetSelection.assets(*execution_asset_keys(book))
+        | dg.AssetSelection.checks(checks),
+        executor_def=dg.in_process_executor,
+        description=f"Validate, route and execute playbook {book.name!r} on one partition of "
+        f"{setup.insight_name}.",
+        tags={"autoexec/playbook": book.name},
+    )
+    sensor = build_insight_sensor(
+        setup=setup,
+        job=job,
+        default_status=sensor_default_status,
+        minimum_interval_seconds=minimum_interval_seconds,
+        flagged_metadata_key=flagged_metadata_key,
+    )
+    schedules = (
+        [
+            build_execution_schedule(
+                setup=setup,
+                job=job,
+                cron_schedule=schedule,
+                default_status=schedule_default_status,
+                execution_timezone=schedule_timezone,
+            )
+        ]
+        if schedule
+        else []
+    )
+    return dg.Definitions(
+        assets=[assets],
+        asset_checks=[checks],
+        jobs=[job],
+        sensors=[sensor],
+        schedules=schedules,
+        resources=execution_resources(setup),
+    )

@@ -1,0 +1,382 @@
+"""The execution assets: one op graph per playbook, exposed as three graph-backed assets.
+
+::
+
+    insight ─┬─> validate ──> route ──> execute ──> escalate ──> summarize
+             │                  │          │            │            │
+             └──────────────────┴──────────┘      <pb>/escalations  <pb>/actions
+                             <pb>/plan
+
+``validate``, ``route`` and ``execute`` each read the insight partition through the insight
+asset's own IO manager, which must return a pandas DataFrame. Reading it three times instead of
+handing DataFrames from op to op keeps every step restartable in any executor: re-executing a
+run from its failed ``execute`` step (say, after a pause is lifted) reads the insight again
+rather than an intermediate that only lived in the failed process. Routing is deterministic, so
+``execute`` re-derives exactly the plan ``route`` reported.
+
+What the assets store (through the IO manager bound under ``autoexec_<playbook>_io_manager``, a
+``dg.FilesystemIOManager`` in the instance's storage directory): small summaries, never
+per-entity rows. ``<pb>/plan`` stores routing counts, ``<pb>/actions`` the execution report as a
+dict, ``<pb>/escalations`` the open queue counted by kind and reason. Per-entity detail lives in
+the action ledger, and each materialization carries a masked preview of at most 20 rows, so a
+partition costs O(1) Dagster events whatever its size.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import dagster as dg
+import pandas as pd
+
+from autoexec_dagster.channels.base import Channel
+from autoexec_dagster.dagster.insight_checks import as_insight_frame
+from autoexec_dagster.dagster.ledger_resource import LedgerHandle
+from autoexec_dagster.dagster.metadata import (
+    PREVIEW_ROWS,
+    actions_metadata,
+    escalations_metadata,
+    escalations_summary,
+    open_escalation_counts,
+    plan_metadata,
+    plan_summary,
+)
+from autoexec_dagster.errors import AutoexecError, InsightValidationError, PlaybookError
+from autoexec_dagster.executor.plan_execution import execute_plan
+from autoexec_dagster.executor.report import ExecutionReport
+from autoexec_dagster.ledger.action_ledger import ActionLedger
+from autoexec_dagster.playbook import Playbook
+from autoexec_dagster.routing import route, validate_insight
+
+PLAN, ACTIONS, ESCALATIONS = "plan", "actions", "escalations"
+
+
+class ExecuteFn(Protocol):
+    """How the ``execute`` op executes a routed plan; see :func:`default_execute`."""
+
+    def __call__(
+        self,
+        context: dg.OpExecutionContext,
+        plan: pd.DataFrame,
+        *,
+        playbook: Playbook,
+        ledger: ActionLedger,
+        channels: Mapping[str, Channel],
+        partition_key: str,
+        insight: str,
+        dry_run: bool | None,
+    ) -> ExecutionReport: ...
+
+
+def default_execute(
+    context: dg.OpExecutionContext,
+    plan: pd.DataFrame,
+    *,
+    playbook: Playbook,
+    ledger: ActionLedger,
+    channels: Mapping[str, Channel],
+    partition_key: str,
+    insight: str,
+    dry_run: bool | None,
+) -> ExecutionReport:
+    """Execute the plan with :func:`autoexec_dagster.execute_plan`, logging to the run.
+
+    Args:
+        context: The ``execute`` op's context; its run id is recorded with every action.
+        plan: The routed plan of the partition.
+        playbook: The playbook that routed it.
+        ledger: The action ledger.
+        channels: Channel per action name.
+        partition_key: The insight partition ("" when unpartitioned).
+        insight: The insight asset key as a string.
+        dry_run: Record without sending; None defers to the playbook's guardrail.
+
+    Returns:
+        The execution report.
+    """
+    return execute_plan(
+        plan,
+        playbook=playbook,
+        ledger=ledger,
+        channels=channels,
+        partition_key=partition_key,
+        insight=insight,
+        run_id=context.run_id,
+        dry_run=dry_run,
+        log=context.log,
+    )
+
+
+@dataclass(frozen=True)
+class ExecutionSetup:
+    """Everything the execution graph of one playbook closes over.
+
+    Attributes:
+        playbook: The playbook.
+        insight_key: The insight asset the playbook acts on.
+        partitions_def: The insight's partitions (None when unpartitioned).
+        ledger: Opens the action ledger in the executing process.
+        channels: Channel per action name.
+        dry_run: Record without sending; None defers to ``playbook.guardrails.dry_run``.
+        group_name: Dagster asset group of the execution assets.
+        preview_rows: Rows in each metadata preview.
+        execute_fn: Executes a routed plan (override to customise execution).
+    """
+
+    playbook: Playbook
+    insight_key: dg.AssetKey
+    partitions_def: dg.PartitionsDefinition | None
+    ledger: LedgerHandle
+    channels: Mapping[str, Channel]
+    dry_run: bool | None = None
+    group_name: str | None = None
+    preview_rows: int = PREVIEW_ROWS
+    execute_fn: ExecuteFn = field(default=default_execute)
+
+    @property
+    def insight_name(self) -> str:
+        """The insight key as a string (``a/b``); part of every idempotency key."""
+        return self.insight_key.to_user_string()
+
+    @property
+    def io_manager_key(self) -> str:
+        """Resource key of the IO manager of the execution assets, namespaced by playbook."""
+        return f"autoexec_{self.playbook.name}_io_manager"
+
+    def asset_key(self, name: str) -> dg.AssetKey:
+        """``<playbook>/<name>``."""
+        return dg.AssetKey([self.playbook.name, name])
+
+
+def execution_asset_keys(playbook: Playbook) -> tuple[dg.AssetKey, dg.AssetKey, dg.AssetKey]:
+    """The keys of ``<playbook>/plan``, ``<playbook>/actions`` and ``<playbook>/escalations``."""
+    return (
+        dg.AssetKey([playbook.name, PLAN]),
+        dg.AssetKey([playbook.name, ACTIONS]),
+        dg.AssetKey([playbook.name, ESCALATIONS]),
+    )
+
+
+def execution_resources(setup: ExecutionSetup) -> dict[str, Any]:
+    """Resources the execution assets need, under keys no user project binds."""
+    return {setup.io_manager_key: dg.FilesystemIOManager()}
+
+
+def _partition(context: dg.OpExecutionContext) -> str:
+    return context.partition_key if context.has_partition_key else ""
+
+
+def _failure(message: str, **metadata: Any) -> dg.Failure:
+    # Bad input or configuration does not get better by retrying.
+    return dg.Failure(description=message, metadata=metadata or None, allow_retries=False)
+
+
+def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
+    """The graph-backed assets ``<playbook>/plan``, ``/actions`` and ``/escalations``.
+
+    Args:
+        setup: Playbook, insight, ledger, channels and options.
+
+    Returns:
+        One AssetsDefinition over the op graph validate -> route -> execute -> escalate ->
+        summarize, partitioned like the insight.
+    """
+    playbook = setup.playbook
+    name = playbook.name
+    insight_name = setup.insight_name
+    io_key = setup.io_manager_key
+    tags = {"autoexec/playbook": name}
+
+    def load(insight: Any) -> pd.DataFrame:
+        try:
+            return as_insight_frame(insight, insight=insight_name)
+        except InsightValidationError as exc:
+            raise _failure(str(exc)) from None
+
+    def routed(frame: pd.DataFrame, partition: str) -> pd.DataFrame:
+        try:
+            return route(frame, playbook, partition_key=partition, insight_name=insight_name)
+        except (InsightValidationError, PlaybookError) as exc:
+            raise _failure(str(exc), playbook=name, partition=partition) from None
+
+    def ledger() -> ActionLedger:
+        try:
+            return setup.ledger.get()
+        except AutoexecError as exc:
+            raise _failure(str(exc)) from None
+
+    @dg.op(
+        name=f"{name}_validate",
+        ins={"insight": dg.In(description=f"The insight {insight_name}, as a DataFrame.")},
+        out=dg.Out(dg.Nothing),
+        tags=tags,
+        description="Fail, with the message of the blocking input check, when the insight "
+        "cannot be routed: missing columns, null or duplicate ids, NaN or out-of-range scores.",
+    )
+    def validate(context: dg.OpExecutionContext, insight: Any) -> None:
+        frame = load(insight)
+        try:
+            validate_insight(frame, playbook)
+        except InsightValidationError as exc:
+            raise _failure(str(exc), playbook=name, partition=_partition(context)) from None
+        context.log.info(f"{name}: {len(frame):,} insight row(s) are valid input")
+
+    @dg.op(
+        name=f"{name}_route",
+        ins={"insight": dg.In(), "validated": dg.In(dg.Nothing)},
+        out={PLAN: dg.Out(io_manager_key=io_key)},
+        tags=tags,
+        description="Route every entity: act, escalate, hold out or skip, and why.",
+    )
+    def route_op(context: dg.OpExecutionContext, insight: Any) -> dg.Output:
+        plan = routed(load(insight), _partition(context))
+        return dg.Output(
+            plan_summary(plan, playbook),
+            output_name=PLAN,
+            metadata=plan_metadata(plan, playbook, max_rows=setup.preview_rows),
+        )
+
+    @dg.op(
+        name=f"{name}_execute",
+        ins={"insight": dg.In(), PLAN: dg.In()},
+        out=dg.Out(io_manager_key=io_key),
+        tags=tags,
+        description="Execute the plan through the channels; the ledger makes re-runs send nothing.",
+    )
+    def execute(context: dg.OpExecutionContext, insight: Any, plan: dict) -> ExecutionReport:
+        partition = _partition(context)
+        keyed = routed(load(insight), partition)
+        if len(keyed) != plan.get("total"):
+            context.log.warning(
+                f"{name} [{partition}]: the insight changed between routing ({plan.get('total')} "
+                f"rows) and execution ({len(keyed)} rows); executing the current data"
+            )
+        try:
+            report = setup.execute_fn(
+                context,
+                keyed,
+                playbook=playbook,
+                ledger=ledger(),
+                channels=setup.channels,
+                partition_key=partition,
+                insight=insight_name,
+                dry_run=setup.dry_run,
+            )
+        except AutoexecError as exc:
+            raise _failure(str(exc), playbook=name, partition=partition) from None
+        if report.paused_reason:
+            raise dg.Failure(
+                description=f"{name} [{partition or '-'}]: {report.paused_reason}. "
+                f"{report.pending:,} action(s) were not sent. Lift the pause (`autoexec status`, "
+                "`autoexec resume`), then re-execute this partition: nothing already sent is "
+                "sent again.",
+                metadata={
+                    "paused_reason": report.paused_reason,
+                    "pending": report.pending,
+                    "succeeded": report.succeeded,
+                },
+                allow_retries=False,
+            )
+        if report.blocked_reason:
+            context.log.warning(
+                f"{name} [{partition or '-'}]: batch blocked by a guardrail and escalated: "
+                f"{report.blocked_reason}"
+            )
+        return report
+
+    @dg.op(
+        name=f"{name}_escalate",
+        ins={"report": dg.In()},
+        out={ESCALATIONS: dg.Out(io_manager_key=io_key)},
+        tags=tags,
+        description="Summarise the open human queue of the partition.",
+    )
+    def escalate(context: dg.OpExecutionContext, report: ExecutionReport) -> dg.Output:
+        partition = report.partition_key
+        book = ledger()
+        counts = open_escalation_counts(book, playbook=name, partition_key=partition)
+        summary = escalations_summary(
+            playbook=playbook,
+            partition_key=partition,
+            counts=counts,
+            new_in_run=report.escalated,
+            report=report,
+        )
+        if summary["open"]:
+            context.log.info(
+                f"{name} [{partition or '-'}]: {summary['open']:,} open escalation(s) wait for a "
+                f"person (autoexec escalations --playbook {name})"
+            )
+        return dg.Output(
+            summary,
+            output_name=ESCALATIONS,
+            metadata=escalations_metadata(
+                summary, ledger=book, playbook=playbook, max_rows=setup.preview_rows
+            ),
+        )
+
+    @dg.op(
+        name=f"{name}_summarize",
+        ins={"report": dg.In(), ESCALATIONS: dg.In()},
+        out={ACTIONS: dg.Out(io_manager_key=io_key)},
+        tags=tags,
+        description="Record what was executed and how it ended.",
+    )
+    def summarize(
+        context: dg.OpExecutionContext, report: ExecutionReport, escalations: dict
+    ) -> dg.Output:
+        metadata = actions_metadata(
+            report, ledger=ledger(), playbook=playbook, max_rows=setup.preview_rows
+        )
+        metadata["open_escalations"] = int(escalations.get("open", 0))
+        context.log.info(f"{name} [{report.partition_key or '-'}]: {metadata['status']}")
+        return dg.Output(report.as_dict(), output_name=ACTIONS, metadata=metadata)
+
+    definition_metadata = {
+        "autoexec/playbook": name,
+        "autoexec/playbook_version": playbook.effective_version,
+        "autoexec/insight": insight_name,
+        "autoexec/ledger": setup.ledger.description,
+    }
+    describe = (playbook.description + "\n\n") if playbook.description else ""
+    descriptions = {
+        PLAN: f"Routing decisions of playbook {name!r} for each partition of {insight_name}: "
+        "counts per decision and rule, and a masked preview of flagged entities. Per-entity rows "
+        "live in the action ledger.",
+        ESCALATIONS: f"The human queue of playbook {name!r} for each partition: open escalations "
+        "by kind and reason, with a masked preview. Resolve them with `autoexec resolve`.",
+        ACTIONS: f"What playbook {name!r} executed and how it ended: outcomes per action, "
+        "autonomy rate, failures, retries, throughput and a Markdown summary.",
+    }
+
+    @dg.graph(
+        name=f"{name}_execution",
+        out={output: dg.GraphOut() for output in (PLAN, ESCALATIONS, ACTIONS)},
+    )
+    def _execution(insight: Any) -> dict[str, Any]:
+        validated = validate(insight)
+        plan = route_op(insight, validated)
+        report = execute(insight, plan)
+        escalations = escalate(report)
+        actions = summarize(report, escalations)
+        return {PLAN: plan, ESCALATIONS: escalations, ACTIONS: actions}
+
+    keys = {output: setup.asset_key(output) for output in (PLAN, ESCALATIONS, ACTIONS)}
+    outputs = list(keys)
+    return dg.AssetsDefinition.from_graph(
+        _execution,
+        keys_by_input_name={"insight": setup.insight_key},
+        keys_by_output_name=keys,
+        # Lineage shows the order of execution (plan -> escalations -> actions) as well as the
+        # insight each of them reads; by default every output would depend on the insight alone.
+        internal_asset_deps={
+            PLAN: {setup.insight_key},
+            ESCALATIONS: {setup.insight_key, keys[PLAN]},
+            ACTIONS: {setup.insight_key, keys[PLAN], keys[ESCALATIONS]},
+        },
+        partitions_def=setup.partitions_def,
+        group_name=setup.group_name,
+        descriptions_by_output_name={o: describe + descriptions[o] for o in outputs},
+        metadata_by_output_name={o: dict(definition_metadata) for o in outputs},
+        tags_by_output_name={o: {**tags, "dagster/kind/autoexec": ""} for o in outputs},
+    )

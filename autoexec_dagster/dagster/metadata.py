@@ -1,0 +1,490 @@
+"""Execution results as Dagster metadata an analyst can read without opening the ledger.
+
+Every function here returns a bounded amount of metadata whatever the batch size: counts and rates
+as plain ints and floats (the Dagster UI plots them over time), a Markdown summary, and a table
+preview of at most ``max_rows`` rows. Personal columns (``playbook.personal_columns``) are masked
+in every preview, and any string that looks like an e-mail address is masked wherever it appears,
+as a safety net for personal columns the playbook does not name.
+"""
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import date, datetime
+from typing import Any
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+
+from autoexec_dagster.executor.report import ExecutionReport
+from autoexec_dagster.ledger import schema
+from autoexec_dagster.ledger.action_ledger import ActionLedger
+from autoexec_dagster.playbook import Playbook
+from autoexec_dagster.routing import DECISIONS, PLAN_COLUMNS
+
+PREVIEW_ROWS = 20
+_MAX_PREVIEW_COLUMNS = 14
+_MAX_CELL_CHARS = 80
+# Local parts exclude "=" and ":" so "email=jane@example.com" masks the address, not the key.
+_EMAIL_RE = re.compile(r"([^\s@<>()\[\]\"',;:=]+)@([^\s@<>()\[\]\"',;:=]+\.[^\s@<>()\[\]\"',;:=]+)")
+# Preview order: what needs a person first, then what was done.
+_DECISION_ORDER = ("escalate", "act", "holdout")
+# Preview order of action states: what went wrong first.
+_ACTION_STATES = ("failed", "in_doubt", "sending", "reserved", "succeeded", "dry_run")
+
+
+def mask_value(value: Any) -> Any:
+    """Mask one personal value, keeping just enough to recognise it.
+
+    ``"jane@example.com"`` becomes ``"j***@example.com"``, other text keeps its first character
+    (``"Jane Doe"`` -> ``"J***"``), and any other non-null value becomes ``"***"``.
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, str):
+        if not value:
+            return value
+        match = _EMAIL_RE.fullmatch(value.strip())
+        if match:
+            return f"{match.group(1)[:1]}***@{match.group(2)}"
+        return f"{value[:1]}***"
+    return "***"
+
+
+def mask_emails(text: str) -> str:
+    """Mask every e-mail address inside free text."""
+    return _EMAIL_RE.sub(lambda m: f"{m.group(1)[:1]}***@{m.group(2)}", text)
+
+
+def is_personal(column: str, personal_columns: Iterable[str]) -> bool:
+    """Whether ``column`` is one of the personal columns (case-insensitive)."""
+    lowered = column.lower()
+    return any(lowered == p.lower() for p in personal_columns)
+
+
+def _cell(value: Any) -> str | int | float | bool | None:
+    """A value TableRecord accepts, short enough for a preview."""
+    if value is None:
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return None if math.isnan(value) else value
+    if isinstance(value, bool | int):
+        return value
+    if isinstance(value, pd.Timestamp | datetime | date):
+        return value.isoformat()
+    try:
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    text = mask_emails(value if isinstance(value, str) else str(value))
+    return text if len(text) <= _MAX_CELL_CHARS else text[: _MAX_CELL_CHARS - 1] + "…"
+
+
+def _column_type(series: pd.Series) -> str:
+    if pd.api.types.is_bool_dtype(series):
+        return "bool"
+    if pd.api.types.is_integer_dtype(series):
+        return "int"
+    if pd.api.types.is_float_dtype(series):
+        return "float"
+    return "string"
+
+
+def table_preview(
+    frame: pd.DataFrame,
+    *,
+    personal_columns: Iterable[str],
+    max_rows: int = PREVIEW_ROWS,
+    columns: Sequence[str] | None = None,
+) -> dg.TableMetadataValue:
+    """A table preview of the first ``max_rows`` rows with personal columns masked.
+
+    Args:
+        frame: Rows to preview; only the first ``max_rows`` are read.
+        personal_columns: Columns whose values are masked with :func:`mask_value`.
+        max_rows: Most rows shown.
+        columns: Columns to show, in order (default: all, at most 14).
+    """
+    personal = tuple(personal_columns)
+    chosen = [c for c in (columns or list(frame.columns)) if c in frame.columns]
+    head = frame.loc[:, chosen[:_MAX_PREVIEW_COLUMNS]].head(max(0, max_rows))
+    records = []
+    for row in head.to_dict("records"):
+        records.append(
+            dg.TableRecord(
+                {
+                    str(column): (
+                        mask_value(_cell(value))
+                        if is_personal(str(column), personal)
+                        else _cell(value)
+                    )
+                    for column, value in row.items()
+                }
+            )
+        )
+    schema_columns = [
+        dg.TableColumn(
+            name=str(column),
+            type="string" if is_personal(str(column), personal) else _column_type(head[column]),
+        )
+        for column in head.columns
+    ]
+    return dg.MetadataValue.table(records=records, schema=dg.TableSchema(columns=schema_columns))
+
+
+def _md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    def esc(value: Any) -> str:
+        text = f"{value:,}" if isinstance(value, int) else str(value)
+        return mask_emails(text).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(esc(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# -- plan -------------------------------------------------------------------------------------
+
+
+def plan_summary(plan: pd.DataFrame, playbook: Playbook) -> dict[str, Any]:
+    """What the ``<playbook>/plan`` asset stores: routing counts, not the per-entity plan.
+
+    The per-entity record lives in the ledger; storing the plan itself would copy every personal
+    column of the insight into a second place and grow with the batch.
+    """
+    attrs = plan.attrs.get("autoexec", {})
+    decisions = plan["decision"].astype(str)
+    by_decision = {d: int(n) for d, n in decisions.value_counts().items()}
+    total = len(plan)
+    flagged = total - by_decision.get("skip", 0)
+    by_rule: dict[str, dict[str, int]] = {}
+    grouped = plan.groupby(["rule", "decision"], observed=True).size()
+    for (rule, decision), n in grouped.items():  # type: ignore[misc]
+        if n:
+            by_rule.setdefault(str(rule), {})[str(decision)] = int(n)
+    actions = plan.loc[decisions == "act", "action"].astype(str).value_counts()
+    return {
+        "playbook": playbook.name,
+        "playbook_version": attrs.get("playbook_version", playbook.effective_version),
+        "insight": attrs.get("insight"),
+        "partition_key": attrs.get("partition_key") or "",
+        "total": total,
+        "flagged": flagged,
+        "flagged_fraction": flagged / total if total else 0.0,
+        "by_decision": {d: by_decision.get(d, 0) for d in DECISIONS},
+        "by_rule": by_rule,
+        "by_action": {str(a): int(n) for a, n in actions.items()},
+    }
+
+
+def plan_preview_frame(plan: pd.DataFrame, playbook: Playbook, max_rows: int) -> pd.DataFrame:
+    """Up to ``max_rows`` flagged rows: escalations first, then actions, then holdouts."""
+    decisions = plan["decision"].astype(str).to_numpy()
+    parts = []
+    remaining = max_rows
+    for decision in _DECISION_ORDER:
+        if remaining <= 0:
+            break
+        positions = np.flatnonzero(decisions == decision)[:remaining]
+        if len(positions):
+            parts.append(plan.iloc[positions])
+            remaining -= len(positions)
+    if not parts:
+        return plan.head(0)
+    head = pd.concat(parts)
+    inputs = [
+        c
+        for c in head.columns
+        if c not in PLAN_COLUMNS and c != playbook.entity_key and not str(c).startswith("__")
+    ]
+    return head.loc[:, ["entity_id", "decision", "rule", "action", "reason", *inputs]]
+
+
+def plan_metadata(
+    plan: pd.DataFrame, playbook: Playbook, *, max_rows: int = PREVIEW_ROWS
+) -> dict[str, Any]:
+    """Materialization metadata of ``<playbook>/plan``."""
+    summary = plan_summary(plan, playbook)
+    total, flagged = summary["total"], summary["flagged"]
+    limit = playbook.guardrails.max_flagged_fraction
+    share = summary["flagged_fraction"]
+    if total and share > limit:
+        guardrail = (
+            f"{share:.1%} of entities flagged, above max_flagged_fraction {limit:.1%}: the batch "
+            "will not be executed and is escalated as a whole"
+        )
+    else:
+        guardrail = f"ok: {share:.1%} flagged (limit {limit:.1%})"
+    rule_rows = [
+        (rule, decision, n)
+        for rule, tally in summary["by_rule"].items()
+        for decision, n in sorted(tally.items())
+    ]
+    metadata: dict[str, Any] = {
+        "dagster/row_count": total,
+        "total": total,
+        "flagged": flagged,
+        "flagged_fraction": float(share),
+        "max_flagged_fraction": float(limit),
+        **{decision: summary["by_decision"][decision] for decision in DECISIONS},
+        "guardrail": guardrail,
+        "playbook_version": str(summary["playbook_version"]),
+        "by_rule": dg.MetadataValue.md(_md_table(("rule", "decision", "entities"), rule_rows)),
+        "preview": table_preview(
+            plan_preview_frame(plan, playbook, max_rows),
+            personal_columns=playbook.personal_columns,
+            max_rows=max_rows,
+        ),
+    }
+    return metadata
+
+
+# -- actions ----------------------------------------------------------------------------------
+
+
+def report_status(report: ExecutionReport) -> str:
+    """One line saying how the execution ended."""
+    if report.blocked_reason:
+        return f"BLOCKED by a guardrail, nothing was executed: {report.blocked_reason}"
+    if report.paused_reason:
+        return f"PAUSED: {report.paused_reason}"
+    parts = []
+    if report.failed:
+        parts.append(f"{report.failed:,} failed")
+    if report.pending:
+        parts.append(f"{report.pending:,} pending")
+    if report.circuit_opened:
+        parts.append(f"circuit opened for {', '.join(report.circuit_opened)}")
+    mode = "dry run completed" if report.dry_run else "completed"
+    return f"{mode} with {', '.join(parts)}" if parts else mode
+
+
+def report_metadata(report: ExecutionReport) -> dict[str, Any]:
+    """The numbers of an execution report as metadata (plottable ints and floats)."""
+    metadata: dict[str, Any] = {key: int(value) for key, value in report.counts().items()}
+    metadata["status"] = report_status(report)
+    metadata["blocked"] = bool(report.blocked_reason)
+    if report.blocked_reason:
+        metadata["blocked_reason"] = report.blocked_reason
+    if report.paused_reason:
+        metadata["paused_reason"] = report.paused_reason
+    rate = report.autonomy_rate
+    if rate is not None:
+        metadata["autonomy_rate"] = float(rate)
+    metadata["duration_seconds"] = float(report.duration_seconds)
+    metadata["throughput_per_second"] = float(report.throughput)
+    metadata["in_doubt_recovered"] = int(report.in_doubt_recovered)
+    metadata["dry_run_mode"] = bool(report.dry_run)
+    metadata["summary"] = dg.MetadataValue.md(mask_emails(report.summary_markdown()))
+    if report.by_action:
+        metadata["by_action"] = dg.MetadataValue.json(
+            {action: dict(tally) for action, tally in report.by_action.items()}
+        )
+    if report.errors:
+        metadata["errors"] = dg.MetadataValue.md(
+            "\n".join(f"- `{mask_emails(e)}`" for e in report.errors[:10])
+        )
+    return metadata
+
+
+def actions_metadata(
+    report: ExecutionReport,
+    *,
+    ledger: ActionLedger,
+    playbook: Playbook,
+    max_rows: int = PREVIEW_ROWS,
+) -> dict[str, Any]:
+    """Materialization metadata of ``<playbook>/actions``: the report plus a ledger preview."""
+    metadata = report_metadata(report)
+    metadata["playbook_version"] = report.playbook_version
+    metadata["ledger"] = ledger.display_url
+    rows = action_preview_rows(
+        ledger, playbook=playbook.name, partition_key=report.partition_key, limit=max_rows
+    )
+    columns = ["entity_id", "action", "state", "attempts", "detail", "error", "updated_at"]
+    personal = (*playbook.personal_columns, "entity_id") if _entity_is_personal(playbook) else ()
+    metadata["preview"] = table_preview(
+        rows, personal_columns=personal, max_rows=max_rows, columns=columns
+    )
+    return metadata
+
+
+def action_preview_rows(
+    ledger: ActionLedger, *, playbook: str, partition_key: str, limit: int = PREVIEW_ROWS
+) -> pd.DataFrame:
+    """Up to ``limit`` action rows of a partition, failures first.
+
+    One small query per state instead of sorting the whole partition, so the preview costs the
+    same for 50 rows and for a million.
+    """
+    t = schema.actions
+    columns = [t.c.entity_id, t.c.action, t.c.state, t.c.attempts, t.c.detail, t.c.error]
+    frames = []
+    remaining = limit
+    with ledger.engine.connect() as conn:
+        for state in _ACTION_STATES:
+            if remaining <= 0:
+                break
+            query = (
+                sa.select(*columns, t.c.updated_at)
+                .where(
+                    t.c.playbook == playbook,
+                    t.c.partition_key == partition_key,
+                    t.c.state == state,
+                )
+                .limit(remaining)
+            )
+            frame = pd.read_sql(query, conn)
+            if len(frame):
+                frames.append(frame)
+                remaining -= len(frame)
+    if not frames:
+        return pd.DataFrame(columns=[c.name for c in columns] + ["updated_at"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def _entity_is_personal(playbook: Playbook) -> bool:
+    return is_personal(playbook.entity_key, playbook.personal_columns)
+
+
+# -- escalations ------------------------------------------------------------------------------
+
+
+def open_escalation_counts(
+    ledger: ActionLedger, *, playbook: str, partition_key: str
+) -> list[tuple[str, str, int]]:
+    """Open escalations of one partition, counted by kind and reason, largest first."""
+    t = schema.escalations
+    query = (
+        sa.select(t.c.kind, t.c.reason, sa.func.count().label("n"))
+        .where(t.c.playbook == playbook, t.c.partition_key == partition_key, t.c.status == "open")
+        .group_by(t.c.kind, t.c.reason)
+        .order_by(sa.desc("n"), t.c.kind, t.c.reason)
+    )
+    with ledger.engine.connect() as conn:
+        return [(str(kind), str(reason), int(n)) for kind, reason, n in conn.execute(query)]
+
+
+def escalations_frame(
+    queue: pd.DataFrame, *, personal_columns: Iterable[str], entity_is_personal: bool = False
+) -> pd.DataFrame:
+    """The escalation queue with each entity's data as compact, masked JSON."""
+    personal = tuple(personal_columns)
+    out = pd.DataFrame(
+        {
+            "key": queue["idempotency_key"].astype(str),
+            "partition": queue["partition_key"].astype(str),
+            "entity_id": queue["entity_id"].astype(str),
+            "kind": queue["kind"].astype(str),
+            "rule": queue["rule"].astype(str),
+            "reason": queue["reason"].astype(str),
+            "data": [compact_data(raw, personal_columns=personal) for raw in queue["data"]],
+        }
+    )
+    if entity_is_personal:
+        out["entity_id"] = [mask_value(v) for v in out["entity_id"]]
+    return out
+
+
+def compact_data(raw: Any, *, personal_columns: Iterable[str], max_chars: int = 160) -> str:
+    """An escalation's entity data (JSON text from the ledger) as one short masked line."""
+    try:
+        data = json.loads(raw) if isinstance(raw, str) else dict(raw or {})
+    except (TypeError, ValueError):
+        return mask_emails(str(raw))[:max_chars]
+    if not isinstance(data, Mapping):
+        return mask_emails(str(data))[:max_chars]
+    personal = tuple(personal_columns)
+    parts = []
+    for key, value in data.items():
+        if key == "entity_id":
+            continue
+        shown = mask_value(value) if is_personal(str(key), personal) else value
+        if isinstance(shown, float):
+            shown = round(shown, 4)
+        parts.append(f"{key}={shown}")
+    text = mask_emails(", ".join(parts))
+    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+
+
+def escalations_summary(
+    *,
+    playbook: Playbook,
+    partition_key: str,
+    counts: Sequence[tuple[str, str, int]],
+    new_in_run: int,
+    report: ExecutionReport | None = None,
+) -> dict[str, Any]:
+    """What ``<playbook>/escalations`` stores: the partition's open queue, counted."""
+    by_kind: dict[str, int] = {}
+    for kind, _reason, n in counts:
+        by_kind[kind] = by_kind.get(kind, 0) + n
+    return {
+        "playbook": playbook.name,
+        "partition_key": partition_key,
+        "open": sum(n for _, _, n in counts),
+        "new_in_run": new_in_run,
+        "by_kind": by_kind,
+        "top_reasons": [
+            {"kind": kind, "reason": mask_emails(reason), "open": n}
+            for kind, reason, n in counts[:10]
+        ],
+        "blocked_reason": report.blocked_reason if report is not None else None,
+    }
+
+
+def escalations_metadata(
+    summary: Mapping[str, Any],
+    *,
+    ledger: ActionLedger,
+    playbook: Playbook,
+    max_rows: int = PREVIEW_ROWS,
+) -> dict[str, Any]:
+    """Materialization metadata of ``<playbook>/escalations``."""
+    partition = str(summary["partition_key"])
+    queue = ledger.escalations(
+        playbook=playbook.name, partition_key=partition, status="open", limit=max_rows
+    )
+    preview = escalations_frame(
+        queue,
+        personal_columns=playbook.personal_columns,
+        entity_is_personal=_entity_is_personal(playbook),
+    )
+    preview["key"] = preview["key"].str.slice(0, 12)
+    command = f"autoexec escalations --playbook {playbook.name}" + (
+        f" --partition {partition}" if partition else ""
+    )
+    lines = [
+        f"### {playbook.name} · partition `{partition or '-'}` · escalations",
+        "",
+        f"**{summary['open']:,} open** escalation(s) for this partition, "
+        f"{summary['new_in_run']:,} new in this run.",
+    ]
+    if summary.get("blocked_reason"):
+        lines += [
+            "",
+            f"**The whole batch was escalated by a guardrail:** {summary['blocked_reason']}",
+        ]
+    if summary["top_reasons"]:
+        lines += [
+            "",
+            _md_table(
+                ("kind", "reason", "open"),
+                [(r["kind"], r["reason"], r["open"]) for r in summary["top_reasons"]],
+            ),
+        ]
+    lines += ["", f"Review and resolve them with `{command}`."]
+    metadata: dict[str, Any] = {
+        "open": int(summary["open"]),
+        "new_in_run": int(summary["new_in_run"]),
+        **{f"open_{kind}": int(n) for kind, n in sorted(summary["by_kind"].items())},
+        "summary": dg.MetadataValue.md(mask_emails("\n".join(lines))),
+        "review_with": command,
+        "preview": table_preview(preview, personal_columns=(), max_rows=max_rows),
+    }
+    return metadata

@@ -1,0 +1,141 @@
+"""The ``autoexec`` command line against a real SQLite ledger."""
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from autoexec_dagster.cli import cli
+from autoexec_dagster.executor.plan_execution import execute_plan
+from autoexec_dagster.ledger.action_ledger import ActionLedger
+from autoexec_dagster.routing import route
+from tests.conftest import churn_playbook, churn_scores
+from tests.test_execution_assets import PLAYBOOK, Recorder, recording_channels
+
+
+@pytest.fixture
+def ledger_url(tmp_path: Path) -> str:
+    """A ledger holding one executed partition (p1) of the churn playbook."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    playbook = churn_playbook(max_flagged_fraction=0.9)
+    plan = route(churn_scores(300), playbook, partition_key="p1", insight_name="churn_scores")
+    execute_plan(
+        plan,
+        playbook=playbook,
+        ledger=ActionLedger(url),
+        channels=recording_channels(Recorder()),
+        partition_key="p1",
+    )
+    return url
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+def test_summary_shows_counts_and_the_autonomy_rate(ledger_url: str) -> None:
+    ledger = ActionLedger(ledger_url)
+    states = ledger.summary().groupby("state")["count"].sum()
+
+    result = run("summary", "--ledger", ledger_url, "--playbook", PLAYBOOK)
+
+    assert result.exit_code == 0, result.output
+    assert "retention_email" in result.output and "succeeded" in result.output
+    succeeded, escalated = int(states["succeeded"]), int(states["escalated"])
+    assert f"{succeeded / (succeeded + escalated):.1%}" in result.output
+    assert f"Open escalations: {escalated}" in result.output
+    empty = run("summary", "--ledger", ledger_url, "--playbook", "other")
+    assert "No actions recorded for playbook 'other'" in empty.output
+
+
+def test_the_ledger_defaults_to_the_environment(ledger_url: str) -> None:
+    result = run("summary", env={"AUTOEXEC_LEDGER_URL": ledger_url})
+    assert result.exit_code == 0
+    assert "Autonomy rate" in result.output
+
+
+def test_escalations_list_reasons_with_personal_data_masked(ledger_url: str) -> None:
+    result = run("escalations", "--ledger", ledger_url, "--playbook", PLAYBOOK, "--limit", "5")
+
+    assert result.exit_code == 0, result.output
+    assert "reason: High-value customer at risk" in result.output or "unsure" in result.output
+    assert "email=c***@example.com" in result.output
+    assert "name=C***" in result.output
+    assert "@example.com" not in result.output.replace("***@example.com", "")
+    assert "5 escalation(s) shown (--limit 5 reached)" in result.output
+
+    shown = run("escalations", "--ledger", ledger_url, "-p", PLAYBOOK, "-n", "1", "--show-personal")
+    assert "customer" in shown.output and "@example.com" in shown.output
+    masked_more = run(
+        "escalations", "--ledger", ledger_url, "-p", PLAYBOOK, "-n", "1", "--mask", "churn_score"
+    )
+    assert "churn_score=***" in masked_more.output
+
+
+def test_resolve_closes_an_escalation_by_key_prefix(ledger_url: str) -> None:
+    ledger = ActionLedger(ledger_url)
+    queue = ledger.escalations(playbook=PLAYBOOK)
+    key = str(queue["idempotency_key"].iloc[0])
+
+    result = run("resolve", key[:10], "--ledger", ledger_url, "--by", "ana", "--note", "called")
+
+    assert result.exit_code == 0, result.output
+    assert f"Resolved {key}" in result.output
+    resolved = ledger.escalations(playbook=PLAYBOOK, status="resolved")
+    assert list(resolved["idempotency_key"]) == [key]
+    assert resolved["resolved_by"].iloc[0] == "ana" and resolved["resolution"].iloc[0] == "called"
+    again = run("resolve", key, "--ledger", ledger_url, "--by", "ana")
+    assert again.exit_code == 2 and "no open escalation" in again.output
+    listed = run("escalations", "--ledger", ledger_url, "-p", PLAYBOOK, "--status", "resolved")
+    assert key in listed.output and "[resolved]" in listed.output
+
+
+def test_pause_status_and_resume(ledger_url: str) -> None:
+    assert "No pause is set" in run("status", "--ledger", ledger_url).output
+
+    paused = run(
+        "pause", "--ledger", ledger_url, "-p", PLAYBOOK, "--reason", "CRM outage", "--by", "ops"
+    )
+    assert paused.exit_code == 0, paused.output
+    assert ActionLedger(ledger_url).pause_reason(PLAYBOOK) == (
+        f"playbook {PLAYBOOK!r} is paused by ops: CRM outage"
+    )
+    status = run("status", "--ledger", ledger_url)
+    assert f"PAUSED playbook {PLAYBOOK!r} by ops" in status.output and "CRM outage" in status.output
+
+    run("pause", "--ledger", ledger_url, "--reason", "freeze", "--by", "cto")
+    resumed = run("resume", "--ledger", ledger_url, "-p", PLAYBOOK, "--by", "ops")
+    assert resumed.exit_code == 0
+    assert "still paused: every playbook (*)" in resumed.output
+    assert (
+        ActionLedger(ledger_url).pause_reason(PLAYBOOK) == "every playbook is paused by cto: freeze"
+    )
+    assert run("resume", "--ledger", ledger_url, "--by", "cto").exit_code == 0
+    assert ActionLedger(ledger_url).pause_reason(PLAYBOOK) is None
+
+    not_paused = run("resume", "--ledger", ledger_url, "--by", "cto")
+    assert not_paused.exit_code == 2 and "is not paused" in not_paused.output
+
+
+def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
+    missing = run("summary", "--ledger", f"sqlite:///{tmp_path / 'nope.db'}")
+    assert missing.exit_code == 2
+    assert missing.output.startswith("error: no action ledger at")
+    assert not (tmp_path / "nope.db").exists()
+    assert "Traceback" not in missing.output
+
+    bad = run("status", "--ledger", "definitely not a url")
+    assert bad.exit_code == 2 and "not a valid SQLAlchemy URL" in bad.output
+
+    driver = run("status", "--ledger", "mysql://u@h/db")
+    assert driver.exit_code == 2 and "supports SQLite and PostgreSQL" in driver.output
+
+    short = run("resolve", "abc", "--ledger", f"sqlite:///{tmp_path / 'new.db'}", "--by", "x")
+    assert short.exit_code == 2
+
+
+def test_pause_may_create_a_new_ledger(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    result = run("pause", "--ledger", url, "--reason", "not yet", "--by", "ops")
+    assert result.exit_code == 0
+    assert ActionLedger(url).pause_reason("anything") == "every playbook is paused by ops: not yet"
