@@ -89,7 +89,7 @@ def test_the_definitions_hold_checks_job_sensor_and_one_namespaced_resource() ->
     checks = {k.name: graph.get(k) for k in graph.asset_check_keys}
     assert set(checks) == {f"{PLAYBOOK}_valid_input", f"{PLAYBOOK}_flagged_share"}
     assert checks[f"{PLAYBOOK}_valid_input"].blocking
-    assert not checks[f"{PLAYBOOK}_flagged_share"].blocking
+    assert checks[f"{PLAYBOOK}_flagged_share"].blocking
     assert all(c.key.asset_key == dg.AssetKey(INSIGHT) for c in checks.values())
     assert graph.get(dg.AssetKey([PLAYBOOK, "actions"])).group_name == "retention"
     job = defs.resolve_job_def(JOB)

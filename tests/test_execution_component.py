@@ -158,7 +158,9 @@ AUDIT: list[tuple[str, int]] = []
 
 def test_execute_can_be_overridden_in_a_subclass(tmp_path: Path) -> None:
     component = AuditedExecution.resolve_from_yaml(
-        yaml.safe_dump(attributes(tmp_path, playbook=json_ready(churn_playbook())))
+        yaml.safe_dump(
+            attributes(tmp_path, playbook=json_ready(churn_playbook(max_flagged_fraction=0.9)))
+        )
     )
     built = component.build_defs(dg.ComponentTree.for_test().load_context)
     frames = {"p1": churn_scores(50), "p2": churn_scores(5)}

@@ -113,7 +113,9 @@ def test_bad_input_fails_the_blocking_check_and_nothing_is_executed(
     assert project.ledger.actions(playbook=PLAYBOOK).empty
 
 
-def test_an_implausible_flagged_share_fails_and_nothing_is_executed(tmp_path: Path) -> None:
+def test_an_implausible_flagged_share_blocks_escalates_and_executes_nothing(
+    tmp_path: Path,
+) -> None:
     project = make_project(
         tmp_path, {"p1": mostly_flagged(churn_scores(100))}, playbook=churn_playbook()
     )
@@ -121,33 +123,45 @@ def test_an_implausible_flagged_share_fails_and_nothing_is_executed(tmp_path: Pa
 
     result = project.run("p1")
 
+    assert not result.success
     check = check_results(result)[SHARE]
     assert not check.passed
     assert check.metadata["failed_expectation"].value == "expect_column_mean_to_be_between(flagged)"
     assert check.metadata["flagged_fraction"].value == pytest.approx(0.8)
+    assert check.metadata["escalated"].value is True
     assert "80.0%" in str(check.description)
     assert check_results(result)[VALID].passed
+    assert materializations(result) == {}
     assert project.recorder.keys == []
-    assert "succeeded" not in set(project.ledger.actions(playbook=PLAYBOOK)["state"])
+    assert project.ledger.actions(playbook=PLAYBOOK).empty
     queue = project.ledger.escalations(playbook=PLAYBOOK, partition_key="p1")
     assert list(queue["kind"]) == ["guardrail"]
+    assert "80.0%" in str(queue.loc[0, "reason"])
+
+    # The same bad batch again: still blocked, still one escalation.
+    assert not project.run("p1").success
+    assert len(project.ledger.escalations(playbook=PLAYBOOK, partition_key="p1")) == 1
 
 
-def test_the_flagged_share_check_can_block_instead(tmp_path: Path) -> None:
+def test_a_reporting_only_flagged_share_check_leaves_the_guardrail_to_the_executor(
+    tmp_path: Path,
+) -> None:
     project = make_project(
         tmp_path,
         {"p1": mostly_flagged(churn_scores(100))},
         playbook=churn_playbook(),
-        flagged_share_blocking=True,
+        flagged_share_blocking=False,
     )
     project.materialize_insight("p1")
 
     result = project.run("p1")
 
-    assert not result.success
     assert not check_results(result)[SHARE].passed
-    assert materializations(result) == {}
+    assert set(materializations(result))  # the execution assets ran and report the block
     assert project.recorder.keys == []
+    assert "succeeded" not in set(project.ledger.actions(playbook=PLAYBOOK)["state"])
+    queue = project.ledger.escalations(playbook=PLAYBOOK, partition_key="p1")
+    assert list(queue["kind"]) == ["guardrail"]
 
 
 def test_without_the_checks_the_validate_op_fails_with_the_same_message(tmp_path: Path) -> None:

@@ -230,7 +230,7 @@ class ExecutionComponent(dg.Component, dg.Model, dg.Resolvable):
     schedule_default_status: Literal["running", "stopped"] = Field(default="stopped")
     schedule_timezone: str | None = Field(default=None)
     flagged_share_blocking: bool = Field(
-        default=False, description="Make the flagged-share check block execution."
+        default=True, description="Whether the flagged-share check blocks execution."
     )
 
     def load_playbook(self, context: dg.ComponentLoadContext) -> Playbook:

@@ -142,7 +142,7 @@ def build_execution_defs(
     schedule: str | None = None,
     schedule_default_status: dg.DefaultScheduleStatus = dg.DefaultScheduleStatus.STOPPED,
     schedule_timezone: str | None = None,
-    flagged_share_blocking: bool = False,
+    flagged_share_blocking: bool = True,
     preview_rows: int = PREVIEW_ROWS,
     execute_fn: ExecuteFn | None = None,
 ) -> dg.Definitions:
@@ -174,8 +174,9 @@ def build_execution_defs(
         schedule: Cron string of an optional batch schedule over the execution job.
         schedule_default_status: Whether that schedule runs without being switched on.
         schedule_timezone: Timezone of the cron string (default UTC).
-        flagged_share_blocking: Make the flagged-share check blocking. By default it reports
-            ERROR without blocking, and the executor's guardrail escalates the whole batch.
+        flagged_share_blocking: Whether the flagged-share check blocks the execution assets (and
+            escalates the batch itself). With False it only reports, and the executor's
+            guardrail blocks and escalates the batch inside the run.
         preview_rows: Rows in each metadata preview (at most 100).
         execute_fn: Replaces how a routed plan is executed; see
             :class:`~autoexec_dagster.dagster.execution_assets.ExecuteFn`.
@@ -221,6 +222,8 @@ def build_execution_defs(
         playbook=book,
         partitions_def=setup.partitions_def,
         flagged_share_blocking=flagged_share_blocking,
+        ledger=setup.ledger,
+        dry_run=bool(dry_run),
     )
     # The checks are part of the job so that the blocking check runs in the same run as the
     # execution assets: a blocking check only holds back downstream steps of its own run.

@@ -10,11 +10,12 @@ and reports two checks:
   and the graph's validate op repeats the same validation
   (:func:`autoexec_dagster.validate_insight`) and fails with the same message when the execution
   assets run without the check.
-- ``<playbook>_flagged_share`` (ERROR severity, not blocking by default): routing the insight with
-  the playbook flags at most ``guardrails.max_flagged_fraction`` of the entities. It does not block
-  because the executor enforces the same guardrail itself and, unlike a blocked run, escalates the
-  whole batch to a person and says so in the execution metadata; blocking here would stop the run
-  before that escalation is recorded. Pass ``flagged_share_blocking=True`` to stop the run instead.
+- ``<playbook>_flagged_share`` (blocking): routing the insight with the playbook flags at most
+  ``guardrails.max_flagged_fraction`` of the entities. A failure stops the execution assets of the
+  partition and, because a blocked batch must still reach a person, records the batch as one
+  escalation in the action ledger (idempotent per partition; nothing is sent or reserved, so a
+  corrected insight can run later). With ``flagged_share_blocking=False`` the check only reports
+  and the executor's own guardrail blocks and escalates the batch inside the run.
 
 ``great_expectations`` is imported inside the check function: importing it takes seconds, and
 definitions must load fast.
@@ -28,7 +29,9 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
+from autoexec_dagster.dagster.ledger_resource import LedgerHandle
 from autoexec_dagster.errors import InsightValidationError, PlaybookError
+from autoexec_dagster.executor.plan_execution import escalate_batch
 from autoexec_dagster.playbook import Playbook
 from autoexec_dagster.routing import route, validate_insight
 
@@ -357,7 +360,9 @@ def build_insight_checks(
     insight_key: dg.AssetKey,
     playbook: Playbook,
     partitions_def: dg.PartitionsDefinition | None,
-    flagged_share_blocking: bool = False,
+    flagged_share_blocking: bool = True,
+    ledger: LedgerHandle | None = None,
+    dry_run: bool = False,
 ) -> dg.AssetChecksDefinition:
     """The Great Expectations checks of ``playbook`` on the insight.
 
@@ -367,8 +372,9 @@ def build_insight_checks(
         insight_key: The insight asset.
         playbook: The playbook whose needs are checked.
         partitions_def: The insight's partitions (the checks are evaluated per partition).
-        flagged_share_blocking: Make the flagged-share check blocking (see the module docstring
-            for why it is not by default).
+        flagged_share_blocking: Whether the flagged-share check blocks (see the module docstring).
+        ledger: Where a blocked batch is escalated; None records nothing.
+        dry_run: Record no escalation (the execution layer runs in dry-run mode).
 
     Returns:
         One multi-asset check evaluating ``<playbook>_valid_input`` and
@@ -425,6 +431,21 @@ def build_insight_checks(
         valid, share = evaluate_insight(
             frame, playbook, partition_key=partition, insight_name=insight_name
         )
+        if (
+            flagged_share_blocking
+            and valid.passed
+            and not share.passed
+            and ledger is not None
+            and not dry_run
+        ):
+            plan = route(frame, playbook, partition_key=partition, insight_name=insight_name)
+            opened = escalate_batch(plan, ledger=ledger.get(), reason=share.description)
+            share.metadata["escalated"] = True
+            context.log.warning(
+                f"{playbook.name} [{partition or '-'}]: batch blocked and "
+                + ("escalated" if opened else "already escalated")
+                + f": {share.description}"
+            )
         for name, outcome in ((valid_name, valid), (share_name, share)):
             yield dg.AssetCheckResult(
                 check_name=name,

@@ -198,7 +198,14 @@ async def execute_plan_async(
         playbook, total=len(keyed), flagged=report.flagged, actions=len(act_positions)
     )
     if blocked:
-        _escalate_batch(ledger, keyed, report, reason=blocked, dry=dry)
+        report.blocked_reason = blocked
+        if dry:
+            report.escalated = report.flagged
+        elif escalate_batch(keyed, ledger=ledger, reason=blocked):
+            report.escalated = report.flagged
+            report.note_escalation(blocked, report.flagged)
+        else:
+            report.already_done = report.flagged
         out.warning(f"{playbook.name} [{partition}]: batch blocked, {blocked}")
         report.duration_seconds = time.perf_counter() - started
         return report
@@ -305,23 +312,30 @@ def _guardrail_violation(
     return None
 
 
-def _escalate_batch(
-    ledger: ActionLedger, keyed: pd.DataFrame, report: ExecutionReport, *, reason: str, dry: bool
-) -> None:
-    """One escalation for the whole batch, keyed by partition so the same batch escalates once."""
-    info = keyed.attrs[PLAN_ATTRS]
+def escalate_batch(plan: pd.DataFrame, *, ledger: ActionLedger, reason: str) -> bool:
+    """Record a blocked batch as one escalation, keyed by partition so it escalates once.
+
+    Nothing is sent and no action is reserved, so a corrected insight for the same partition
+    can still be executed; the escalation tells a person why this batch was not.
+
+    Args:
+        plan: The plan, keyed for its partition (see :func:`autoexec_dagster.route`).
+        ledger: The action ledger.
+        reason: Why the batch was blocked.
+
+    Returns:
+        True when the escalation was opened now, False when it already existed.
+    """
+    info = plan.attrs[PLAN_ATTRS]
     key = idempotency_keys(
         insight=info["insight"],
-        partition_key=info["partition_key"],
+        partition_key=info["partition_key"] or "",
         playbook_version=info["playbook_version"],
         actions=["guardrail:batch"],
         entity_ids=["*"],
     )[0]
-    flagged = keyed[keyed["decision"].astype(str) != "skip"]
-    report.blocked_reason = reason
-    if dry:
-        report.escalated = report.flagged
-        return
+    decisions = plan["decision"].astype(str)
+    flagged = plan[decisions != "skip"]
     inserted = ledger.open_escalations(
         [
             {
@@ -329,25 +343,21 @@ def _escalate_batch(
                 "playbook": info["playbook"],
                 "playbook_version": info["playbook_version"],
                 "insight": info["insight"],
-                "partition_key": info["partition_key"],
+                "partition_key": info["partition_key"] or "",
                 "entity_id": "*",
                 "rule": "(guardrail)",
                 "kind": "guardrail",
                 "reason": reason,
                 "data": {
-                    "total": len(keyed),
+                    "total": len(plan),
                     "flagged": len(flagged),
-                    "by_decision": keyed["decision"].astype(str).value_counts().to_dict(),
+                    "by_decision": {str(k): int(v) for k, v in decisions.value_counts().items()},
                     "sample_entity_ids": flagged["entity_id"].astype(str).tolist()[:100],
                 },
             }
         ]
     )
-    if inserted:
-        report.escalated = report.flagged
-        report.note_escalation(reason, report.flagged)
-    else:
-        report.already_done = report.flagged
+    return bool(inserted)
 
 
 def _position(keyed: pd.DataFrame, key: str) -> int:
