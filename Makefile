@@ -39,4 +39,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf $(VENV) .dagster_home var .pytest_cache
+	rm -rf $(VENV) .dagster_home var .pytest_cache test-artifacts

@@ -1,23 +1,57 @@
-"""Resources of the reference deployment: the churn playbook and the demo's local destinations.
+"""Resources of the reference deployment: the churn playbook, its channels and ledger, and the
+demo's local destinations.
 
-The receivers are imported lazily so ``python -m resources.local_receivers`` does not import its
-own module twice.
+Everything but the playbook path is imported lazily: ``python -m resources.local_receivers`` must
+neither import its own module twice nor pay for importing Dagster and the library.
 """
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from resources.channels import (
+        churn_channels,
+        crm_db_path,
+        default_crm_url,
+        default_ledger_url,
+        default_smtp_port,
+        mailbox_dir,
+        var_dir,
+    )
     from resources.local_receivers import CrmReceiver, SmtpSink
 
 CHURN_PLAYBOOK_PATH = Path(__file__).with_name("churn_playbook.yaml")
 
-__all__ = ["CHURN_PLAYBOOK_PATH", "CrmReceiver", "SmtpSink"]
+_LAZY = {
+    "CrmReceiver": "resources.local_receivers",
+    "SmtpSink": "resources.local_receivers",
+    "churn_channels": "resources.channels",
+    "crm_db_path": "resources.channels",
+    "default_crm_url": "resources.channels",
+    "default_ledger_url": "resources.channels",
+    "default_smtp_port": "resources.channels",
+    "mailbox_dir": "resources.channels",
+    "var_dir": "resources.channels",
+}
+
+__all__ = [
+    "CHURN_PLAYBOOK_PATH",
+    "CrmReceiver",
+    "SmtpSink",
+    "churn_channels",
+    "crm_db_path",
+    "default_crm_url",
+    "default_ledger_url",
+    "default_smtp_port",
+    "mailbox_dir",
+    "var_dir",
+]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("CrmReceiver", "SmtpSink"):
-        from resources import local_receivers
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'resources' has no attribute {name!r}")
+    import importlib
 
-        return getattr(local_receivers, name)
-    raise AttributeError(f"module 'resources' has no attribute {name!r}")
+    return getattr(importlib.import_module(module_name), name)

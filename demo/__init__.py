@@ -1,0 +1,54 @@
+"""The reference deployment's demo (``make demo``) and local UI (``make ui``).
+
+This package holds what both share and imports nothing heavy, so ``python -m demo.ui`` starts at
+once: where the Dagster instance lives, and the local CRM secret.
+"""
+
+import base64
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+DAGSTER_YAML_TEMPLATE = PROJECT_DIR / "dagster.yaml"
+DEFAULT_DAGSTER_HOME = PROJECT_DIR / ".dagster_home"
+CRM_SECRET_ENV = "CRM_WEBHOOK_SECRET"
+
+
+def prepare_dagster_home() -> Path:
+    """Make ``$DAGSTER_HOME`` usable, defaulting it to the project's ``.dagster_home``.
+
+    Creates the folder and copies the project's ``dagster.yaml`` into it when it has none (an
+    existing one is the operator's and is left alone). Sets ``DAGSTER_HOME`` in this process's
+    environment, so child processes and ``DagsterInstance.get()`` use the same instance.
+
+    Returns:
+        The absolute path of the instance folder.
+    """
+    configured = os.environ.get("DAGSTER_HOME", "").strip()
+    # Dagster refuses a relative DAGSTER_HOME; resolve it rather than fail.
+    home = Path(configured).absolute() if configured else DEFAULT_DAGSTER_HOME
+    home.mkdir(parents=True, exist_ok=True)
+    target = home / "dagster.yaml"
+    if not target.exists():
+        shutil.copyfile(DAGSTER_YAML_TEMPLATE, target)
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def ensure_crm_secret() -> str:
+    """The CRM's webhook signing secret, generated into the environment when unset.
+
+    The demo's CRM receiver and the webhook channel read the same variable, so a fresh random
+    secret per session is enough; a real deployment sets it from its secret store.
+
+    Returns:
+        The secret (``whsec_<base64>``).
+    """
+    current = os.environ.get(CRM_SECRET_ENV, "").strip()
+    if current:
+        return current
+    generated = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    os.environ[CRM_SECRET_ENV] = generated
+    return generated

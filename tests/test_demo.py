@@ -1,0 +1,92 @@
+"""``make demo`` tells the churn story end to end, and a second run for the same day sends nothing.
+
+The demo runs as ``python -m demo``, as ``make demo`` runs it, against a temporary DAGSTER_HOME and
+var folder, at full size (20,000 customers a day).
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from autoexec_dagster import ActionLedger
+from tests.e2e_support import REPO
+
+pytestmark = pytest.mark.slow
+
+DAY = "2026-11-24"
+RUN_TIMEOUT = 300
+
+
+def _run_demo(home: Path, var: Path) -> str:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("AUTOEXEC_", "CRM_"))},
+        "DAGSTER_HOME": str(home),
+        "AUTOEXEC_VAR_DIR": str(var),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "demo", "--partition", DAY],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.stdout
+
+
+def _number(pattern: str, text: str) -> int:
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not in the demo's output:\n{text}"
+    return int(match.group(1).replace(",", ""))
+
+
+def test_demo_acts_once_and_says_so_when_run_again(tmp_path: Path) -> None:
+    home, var = tmp_path / "dagster_home", tmp_path / "var"
+
+    first = _run_demo(home, var)
+    for step in ("training:", "scoring:", "executing:"):
+        assert step in first, first
+    assert (home / "dagster.yaml").exists()
+    flagged = _number(r"customers flagged\s+([\d,]+)", first)
+    autonomous = _number(r"acted autonomously\s+([\d,]+)", first)
+    escalated = _number(r"escalated to a person\s+([\d,]+)", first)
+    assert 800 <= flagged <= 1200
+    assert autonomous + escalated == flagged
+    rate_match = re.search(r"autonomy rate\s+([\d.]+)%", first)
+    assert rate_match, first
+    rate = float(rate_match.group(1))
+    assert 92.0 <= rate <= 98.0
+    assert rate == pytest.approx(100 * autonomous / flagged, abs=0.05)
+    reasons = re.findall(r"^\s+([\d,]+)  (.+)$", first, flags=re.MULTILINE)
+    assert sum(int(n.replace(",", "")) for n, _ in reasons) == escalated
+    assert {reason for _, reason in reasons} == {
+        "High-value customer at risk: an account manager should call",
+        "The model is unsure about this customer",
+    }
+
+    emails = _number(r"Emails: ([\d,]+) \.eml files", first)
+    mailbox = var / "mailbox"
+    assert emails == len(list(mailbox.glob("*.eml"))) > 0
+    ledger = ActionLedger(f"sqlite:///{var / 'autoexec_ledger.db'}")
+    try:
+        summary = ledger.summary(playbook="churn_outreach", partition_key=DAY)
+    finally:
+        ledger.dispose()
+    sent = summary[summary["state"] == "succeeded"].groupby("action")["count"].sum()
+    assert int(sent["retention_email"]) == emails
+    assert f"check: mailbox .eml files ({emails:,}) == succeeded retention_email" in first
+    assert f"SMTP messages received in this run ({emails:,}) ==" in first
+    assert "MISMATCH" not in first
+
+    second = _run_demo(home, var)
+    assert "training: churn_model already trained" in second
+    assert f"0 new actions: all {autonomous:,} already done in an earlier run" in second, second
+    assert "SMTP messages received in this run (0) == emails the ledger sent now (0)" in second
+    assert len(list(mailbox.glob("*.eml"))) == emails
+    assert _number(r"acted autonomously\s+([\d,]+)", second) == autonomous
