@@ -185,9 +185,14 @@ def generate_customers(
     last_login = np.round(day.exponential(2.0 + 12.0 * drifting + 2.0 * disengaged))
 
     ids = pd.Series(np.arange(1, n + 1))
-    first_s, last_s = pd.Series(first), pd.Series(last)
+    first_s, last_s = pd.Series(first, dtype="str"), pd.Series(last, dtype="str")
     email = (
-        first_s.str.lower() + "." + last_s.str.lower() + ids.astype(str) + "@" + pd.Series(domain)
+        first_s.str.lower()
+        + "."
+        + last_s.str.lower()
+        + ids.astype(str)
+        + "@"
+        + pd.Series(domain, dtype="str")
     )
     low = np.select([plan == p for p in PLANS], [PLAN_CHARGE_RANGE[p][0] for p in PLANS])
     high = np.select([plan == p for p in PLANS], [PLAN_CHARGE_RANGE[p][1] for p in PLANS])

@@ -127,8 +127,9 @@ def _route(scores: pd.DataFrame, rules: list[dict[str, Any]]) -> pd.Series:
     """First matching rule per row, evaluated with DataFrame.eval as the library does."""
     decided = pd.Series("", index=scores.index, dtype="str")
     for rule in rules:
-        matches = scores.eval(rule["when"]) & (decided == "")
-        decided[matches] = rule["name"]
+        matches = scores.eval(rule["when"])
+        assert isinstance(matches, pd.Series)
+        decided[matches & (decided == "")] = rule["name"]
     return decided
 
 
