@@ -473,3 +473,16 @@ def test_an_empty_partition_executes_nothing(tmp_path: Path) -> None:
     assert "autonomy_rate" not in found[f"{PLAYBOOK}/actions"]
     assert found[f"{PLAYBOOK}/escalations"]["open"] == 0
     assert project.recorder.keys == []
+
+
+def test_a_rerun_reports_the_partition_totals_from_the_ledger(tmp_path: Path) -> None:
+    project = make_project(tmp_path, {"p1": churn_scores(300)})
+    project.materialize_insight("p1")
+    first = materializations(project.run("p1"))[f"{PLAYBOOK}/actions"]
+
+    again = materializations(project.run("p1"))[f"{PLAYBOOK}/actions"]
+
+    assert again["succeeded"] == 0 and again["already_done"] == 300
+    assert again["partition_succeeded"] == first["succeeded"] > 0
+    assert again["partition_autonomy_rate"] == pytest.approx(first["autonomy_rate"])
+    assert "Partition totals (ledger)" in again["summary"]

@@ -303,6 +303,20 @@ def actions_metadata(
     metadata = report_metadata(report)
     metadata["playbook_version"] = report.playbook_version
     metadata["ledger"] = ledger.display_url
+    # A re-run of a finished partition sends nothing; the partition's totals from the ledger keep
+    # the latest materialization telling what the partition achieved, not just what this run did.
+    totals = ledger.state_counts(playbook=playbook.name, partition_key=report.partition_key)
+    done, people = totals.get("succeeded", 0), totals.get("escalated", 0) + totals.get("failed", 0)
+    metadata["partition_totals"] = dg.MetadataValue.json(totals)
+    metadata["partition_succeeded"] = done
+    metadata["partition_escalated_or_failed"] = people
+    if done + people:
+        metadata["partition_autonomy_rate"] = done / (done + people)
+        if report.already_done and not (report.succeeded or report.failed or report.escalated):
+            metadata["summary"] = dg.MetadataValue.md(
+                f"{metadata['summary'].value}\n\n**Partition totals (ledger):** {done:,} "
+                f"delivered, {people:,} with a person; autonomy rate {done / (done + people):.1%}."
+            )
     rows = action_preview_rows(
         ledger, playbook=playbook.name, partition_key=report.partition_key, limit=max_rows
     )
