@@ -308,6 +308,14 @@ def rekey(
     unknown = set(plan["decision"].astype(str).unique()) - set(DECISIONS)
     if unknown:
         raise PlanError(f"the plan holds unknown decision(s) {sorted(unknown)}")
+    if (
+        attrs.get("partition_key") == partition_key
+        and attrs.get("playbook_version") == version
+        and attrs.get("insight") == insight
+    ):
+        # Keyed by route() for exactly this partition: recomputing would copy a million-row plan
+        # to produce the same keys.
+        return plan
     keyed = plan.copy()
     keyed["idempotency_key"] = idempotency_keys(
         insight=insight,

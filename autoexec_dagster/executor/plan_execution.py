@@ -15,6 +15,7 @@ Order of work, so that bad input causes no side effect and nothing is lost:
 
 import asyncio
 import contextlib
+import gc
 import logging
 import math
 import time
@@ -257,7 +258,13 @@ async def execute_plan_async(
             log=out,
             started=started,
         )
-        await run.execute(to_send)
+        # Long-lived objects (Dagster's definitions, imported modules) would otherwise be rescanned
+        # by every collection the send loop's garbage triggers: ~0.4 s per 10,000 actions here.
+        gc.freeze()
+        try:
+            await run.execute(to_send)
+        finally:
+            gc.unfreeze()
 
     report.duration_seconds = time.perf_counter() - started
     out.info(

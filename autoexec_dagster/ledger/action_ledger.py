@@ -39,6 +39,7 @@ from autoexec_dagster.ledger.schema import (
 )
 
 DEFAULT_LEDGER_URL = "sqlite:///autoexec_ledger.db"
+_READ_ONLY = "autoexec_read_only"
 _CHUNK = 500
 _HOST = socket.gethostname()
 
@@ -177,7 +178,11 @@ class ActionLedger:
 
         @event.listens_for(engine, "begin")
         def _on_begin(connection: sa.Connection) -> None:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            # Reads (marked by _reading) take no write lock; WAL gives them a consistent snapshot.
+            if connection.get_execution_options().get(_READ_ONLY):
+                connection.exec_driver_sql("BEGIN")
+            else:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
 
@@ -212,12 +217,16 @@ class ActionLedger:
     @property
     def schema_version(self) -> int:
         """The schema version stored in the ledger."""
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return conn.execute(sa.select(schema.schema_version.c.version)).scalar_one()
 
     def dispose(self) -> None:
         """Close pooled connections."""
         self.engine.dispose()
+
+    def _reading(self) -> sa.Connection:
+        """A connection for reads: on SQLite its transactions do not take the write lock."""
+        return self.engine.connect().execution_options(**{_READ_ONLY: True})
 
     def __repr__(self) -> str:
         return f"ActionLedger({self.display_url!r})"
@@ -261,7 +270,7 @@ class ActionLedger:
         """Current ``(state, worker)`` of each existing key."""
         found: dict[str, tuple[str, str | None]] = {}
         t = schema.actions
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             for chunk in _chunks(keys):
                 for key, state, worker in conn.execute(
                     sa.select(t.c.idempotency_key, t.c.state, t.c.worker).where(
@@ -520,7 +529,7 @@ class ActionLedger:
     def _existing_escalations(self, keys: Sequence[str]) -> set[str]:
         t = schema.escalations
         found: set[str] = set()
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             for chunk in _chunks(keys):
                 found.update(
                     conn.execute(
@@ -563,7 +572,7 @@ class ActionLedger:
     def pause_reason(self, playbook: str) -> str | None:
         """Why ``playbook`` is paused (globally or by name), or None when it may run."""
         t = schema.controls
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(
                 sa.select(t.c.scope, t.c.reason, t.c.updated_by).where(
                     t.c.scope.in_(["*", playbook]), t.c.paused.is_(True)
@@ -577,7 +586,7 @@ class ActionLedger:
 
     def controls(self) -> pd.DataFrame:
         """The kill-switch table."""
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return pd.read_sql(sa.select(schema.controls), conn)
 
     # -- reading -----------------------------------------------------------------------------
@@ -599,7 +608,7 @@ class ActionLedger:
             query = query.where(t.c.playbook == playbook)
         if partition_key is not None:
             query = query.where(t.c.partition_key == partition_key)
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return pd.read_sql(query.order_by(t.c.playbook, t.c.partition_key), conn)
 
     def state_counts(
@@ -612,7 +621,7 @@ class ActionLedger:
             query = query.where(t.c.playbook == playbook)
         if partition_key is not None:
             query = query.where(t.c.partition_key == partition_key)
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return {state: int(n) for state, n in conn.execute(query)}
 
     def actions(
@@ -634,7 +643,7 @@ class ActionLedger:
             query = query.where(t.c.state.in_(list(states)))
         if limit is not None:
             query = query.limit(limit)
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return pd.read_sql(query, conn)
 
     def escalations(
@@ -656,7 +665,7 @@ class ActionLedger:
             query = query.where(t.c.status == status)
         if limit is not None:
             query = query.limit(limit)
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return pd.read_sql(query, conn)
 
     def recent_deliveries(
@@ -673,7 +682,7 @@ class ActionLedger:
         """
         t = schema.actions
         found: dict[tuple[str, str], datetime] = {}
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             for chunk in _chunks(list(dict.fromkeys(entity_ids))):
                 rows = conn.execute(
                     sa.select(t.c.entity_id, t.c.action, sa.func.max(t.c.completed_at))
