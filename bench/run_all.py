@@ -5,7 +5,8 @@
 
 Prints each benchmark's figures (with its baseline, measured in the same run), then a compact
 table of targets, and exits 1 if a target is missed. Each benchmark also runs alone:
-``python -m bench.bench_execution``, ``bench.bench_routing``, ``bench.bench_memory``.
+``python -m bench.bench_execution``, ``bench.bench_routing``, ``bench.bench_memory``,
+``bench.bench_sensor``.
 """
 
 import argparse
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["execution", "routing", "memory"],
+        choices=["execution", "routing", "memory", "sensor"],
         help="run only these benchmarks",
     )
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
@@ -109,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # Imported after sys.path is set up; the routing module holds the shared helpers.
-    from bench import bench_execution, bench_memory, bench_routing
+    from bench import bench_execution, bench_memory, bench_routing, bench_sensor
 
-    selected = args.only or ["execution", "routing", "memory"]
+    selected = args.only or ["execution", "routing", "memory", "sensor"]
     started = time.perf_counter()
     print(f"autoexec_dagster benchmarks ({'quick smoke' if args.quick else 'full'})")
     print(f"  command: {sys.executable} {' '.join(sys.argv)}")
@@ -152,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(bench_memory.report(result)))
         results["memory"] = result
         checks += bench_memory.checks(result)
+    if "sensor" in selected:
+        print("\n== sensor tick over a long history ==", flush=True)
+        wait_until_quiet(args.wait_quiet)
+        result = bench_sensor.run(partitions=2_000 if args.quick else 10_000)
+        print("\n".join(bench_sensor.report(result)))
+        results["sensor"] = result
+        checks += bench_sensor.checks(result)
 
     width = max(len(c.name) for c in checks)
     measured = max(len(c.measured) for c in checks)
