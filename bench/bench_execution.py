@@ -41,7 +41,7 @@ from autoexec_dagster.executor.report import ExecutionReport
 from autoexec_dagster.ledger.action_ledger import ActionLedger, Outcome
 from autoexec_dagster.playbook import Guardrails, Playbook, Rule
 from autoexec_dagster.routing import route
-from bench.bench_routing import SEED, Check, machine_busy_seconds, other_load
+from bench.bench_routing import SEED, Check, finish, machine_busy_seconds, other_load
 from bench.slow_server import SlowServer
 
 TARGET_THROUGHPUT = 3_000.0
@@ -428,11 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         repeats=args.repeats,
         samples=(args.samples[0], args.samples[1]),
     )
-    print("\n".join(report(result)))
-    missed = [c for c in checks(result) if not c.ok]
-    for c in missed:
-        print(f"MISSED: {c.name}: {c.measured} (target {c.target})")
-    return 1 if missed else 0
+    return finish(report(result), checks(result))
 
 
 if __name__ == "__main__":

@@ -199,6 +199,15 @@ def run(*, rows: int, naive_rows: int, repeats: int, seed: int = SEED) -> dict[s
     }
 
 
+def finish(lines: list[str], found: list[Check]) -> int:
+    """Print a benchmark's report and its missed targets; the exit code is 1 if any missed."""
+    print("\n".join(lines))
+    missed = [c for c in found if not c.ok]
+    for c in missed:
+        print(f"MISSED: {c.name}: {c.measured} (target {c.target})")
+    return 1 if missed else 0
+
+
 def report(result: dict[str, Any]) -> list[str]:
     """Human-readable lines for a result of :func:`run`."""
     rows, naive_rows = result["rows"], result["naive_rows"]
@@ -244,11 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     result = run(rows=args.rows, naive_rows=args.naive_rows, repeats=args.repeats)
-    print("\n".join(report(result)))
-    missed = [c for c in checks(result) if not c.ok]
-    for c in missed:
-        print(f"MISSED: {c.name}: {c.measured} (target {c.target})")
-    return 1 if missed else 0
+    return finish(report(result), checks(result))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import pandas as pd
 from autoexec_dagster.channels.webhook import WebhookChannel
 from autoexec_dagster.dagster.defs_factory import build_execution_defs
 from autoexec_dagster.dagster.insight_sensor import fetch_new_materializations
-from bench.bench_routing import Check, churn_playbook, machine_busy_seconds, other_load
+from bench.bench_routing import Check, churn_playbook, finish, machine_busy_seconds, other_load
 
 TICK_BUDGET_SECONDS = 0.5
 INSIGHT = dg.AssetKey("churn_scores")
@@ -163,11 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partitions", type=int, default=10_000)
     args = parser.parse_args(argv)
     result = run(partitions=args.partitions)
-    print("\n".join(report(result)))
-    missed = [c for c in checks(result) if not c.ok]
-    for c in missed:
-        print(f"MISSED: {c.name}: {c.measured} (target {c.target})")
-    return 1 if missed else 0
+    return finish(report(result), checks(result))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from pydantic import Field
 from yarl import URL
 
 from autoexec_dagster.channels.base import ActionRequest, Channel, digest, resolve_secret
+from autoexec_dagster.channels.templates import REQUEST_FIELDS
 from autoexec_dagster.errors import (
     ChannelConfigError,
     ChannelError,
@@ -73,16 +74,9 @@ _RESERVED_HEADERS = frozenset(
         "transfer-encoding",
     }
 )
-_ALWAYS_FIELDS = (
-    "idempotency_key",
-    "entity_id",
-    "action",
-    "playbook",
-    "playbook_version",
-    "insight",
-    "partition_key",
-    "rule",
-)
+# The routing fields every payload carries: the request's fields but the attempt number, which
+# changes between retries of the same key.
+_ALWAYS_FIELDS = tuple(f for f in REQUEST_FIELDS if f != "attempt")
 _MAX_RESPONSE_BYTES = 1 << 20
 
 
