@@ -69,3 +69,20 @@ def fail_first(n: int, error: Callable[[], ChannelError]) -> Callable[[ActionReq
             raise error()
 
     return behaviour
+
+
+def send_all(ch: Channel, requests: list[ActionRequest]) -> list[str | ChannelError]:
+    """Send every request through one sender of ``ch`` concurrently; errors are returned."""
+
+    async def run() -> list[str | ChannelError]:
+        async with ch.open_sender() as sender:
+
+            async def one(request: ActionRequest) -> str | ChannelError:
+                try:
+                    return await sender.send(request)
+                except ChannelError as exc:
+                    return exc
+
+            return await asyncio.gather(*(one(r) for r in requests))
+
+    return asyncio.run(run())

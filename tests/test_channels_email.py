@@ -1,6 +1,5 @@
 """EmailChannel against a real SMTP server (aiosmtpd on 127.0.0.1)."""
 
-import asyncio
 import hashlib
 import socket
 from collections.abc import Mapping
@@ -18,6 +17,7 @@ from autoexec_dagster.errors import (
     PermanentChannelError,
     TransientChannelError,
 )
+from tests.channel_doubles import send_all
 from tests.receivers import SmtpSink
 
 
@@ -48,21 +48,6 @@ def channel(sink: SmtpSink | None = None, **overrides: Any) -> EmailChannel:
     }
     fields.update(overrides)
     return EmailChannel(**fields)
-
-
-def send_all(ch: EmailChannel, requests: list[ActionRequest]) -> list[str | ChannelError]:
-    async def run() -> list[str | ChannelError]:
-        async with ch.open_sender() as sender:
-
-            async def one(request: ActionRequest) -> str | ChannelError:
-                try:
-                    return await sender.send(request)
-                except ChannelError as exc:
-                    return exc
-
-            return await asyncio.gather(*(one(r) for r in requests))
-
-    return asyncio.run(run())
 
 
 def plan(**columns: list[Any]) -> pd.DataFrame:

@@ -16,6 +16,7 @@ from autoexec_dagster.errors import (
     PermanentChannelError,
     TransientChannelError,
 )
+from tests.channel_doubles import send_all
 
 DELIVERED: list[str] = []
 NOT_CALLABLE = 42
@@ -49,21 +50,6 @@ def make_request(key: str, **data: Any) -> ActionRequest:
         rule="watch",
         data=data,
     )
-
-
-def send_all(ch: PythonChannel, requests: list[ActionRequest]) -> list[str | ChannelError]:
-    async def run() -> list[str | ChannelError]:
-        async with ch.open_sender() as sender:
-
-            async def one(request: ActionRequest) -> str | ChannelError:
-                try:
-                    return await sender.send(request)
-                except ChannelError as exc:
-                    return exc
-
-            return await asyncio.gather(*(one(r) for r in requests))
-
-    return asyncio.run(run())
 
 
 def test_sync_function_by_import_path() -> None:

@@ -1,6 +1,5 @@
 """SqlChannel against real databases: SQLite files, and PostgreSQL when one is reachable."""
 
-import asyncio
 import sqlite3
 import uuid
 from collections.abc import Iterator
@@ -17,10 +16,10 @@ from autoexec_dagster.channels.base import ActionRequest
 from autoexec_dagster.channels.sql import SqlChannel
 from autoexec_dagster.errors import (
     ChannelConfigError,
-    ChannelError,
     PermanentChannelError,
     TransientChannelError,
 )
+from tests.channel_doubles import send_all
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -48,21 +47,6 @@ def make_request(key: str, **data: Any) -> ActionRequest:
         rule="watch",
         data=data,
     )
-
-
-def send_all(ch: SqlChannel, requests: list[ActionRequest]) -> list[str | ChannelError]:
-    async def run() -> list[str | ChannelError]:
-        async with ch.open_sender() as sender:
-
-            async def one(request: ActionRequest) -> str | ChannelError:
-                try:
-                    return await sender.send(request)
-                except ChannelError as exc:
-                    return exc
-
-            return await asyncio.gather(*(one(r) for r in requests))
-
-    return asyncio.run(run())
 
 
 @pytest.fixture

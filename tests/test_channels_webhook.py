@@ -1,6 +1,5 @@
 """WebhookChannel against a real aiohttp server on 127.0.0.1."""
 
-import asyncio
 import base64
 import email.utils
 import hashlib
@@ -27,6 +26,7 @@ from autoexec_dagster.errors import (
     PermanentChannelError,
     TransientChannelError,
 )
+from tests.channel_doubles import send_all
 from tests.receivers import WebhookReceiver
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -56,21 +56,6 @@ def channel(url: str, **overrides: Any) -> WebhookChannel:
     }
     fields.update(overrides)
     return WebhookChannel(**fields)
-
-
-def send_all(ch: WebhookChannel, requests: list[ActionRequest]) -> list[str | ChannelError]:
-    async def run() -> list[str | ChannelError]:
-        async with ch.open_sender() as sender:
-
-            async def one(request: ActionRequest) -> str | ChannelError:
-                try:
-                    return await sender.send(request)
-                except ChannelError as exc:
-                    return exc
-
-            return await asyncio.gather(*(one(r) for r in requests))
-
-    return asyncio.run(run())
 
 
 def send_one(ch: WebhookChannel, request: ActionRequest) -> str | ChannelError:
