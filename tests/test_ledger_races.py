@@ -83,7 +83,7 @@ def test_complete_opens_no_escalation_for_a_claim_it_does_not_hold(sqlite_url):
         key="k0", state=schema.FAILED, attempts=1, error="HTTP 500", escalation_kind="delivery"
     )
     assert ledger.complete([failed], worker=intruder) == 0
-    assert ledger.escalations(playbook="pb").empty
+    assert ledger.escalations(status=None).empty
 
 
 @OPEN_DEFECT
