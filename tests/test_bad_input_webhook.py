@@ -74,13 +74,13 @@ VALIDATION_CASES: list[tuple[str, list[str], str]] = [
     ("http://[::ffff:10.0.0.1]/hook", [LISTED], "not in allowed_hosts"),
     ("http://[::ffff:169.254.169.254]/hook", ["::/0"], "not in allowed_hosts"),
     # Decimal, octal, hex and short forms of 127.0.0.1, as inet_aton would read them.
-    ("http://2130706433:{port}/hook", [LISTED], "not in allowed_hosts"),
-    ("http://2130706433:{port}/hook", ["127.0.0.1"], "not in allowed_hosts"),
-    ("http://0177.0.0.1:{port}/hook", ["127.0.0.1"], "not in allowed_hosts"),
-    ("http://0x7f.1:{port}/hook", ["127.0.0.1"], "not in allowed_hosts"),
-    ("http://0x7f000001:{port}/hook", ["127.0.0.1"], "not in allowed_hosts"),
-    ("http://127.1:{port}/hook", ["127.0.0.1"], "not in allowed_hosts"),
-    ("http://%31%32%37.0.0.1:{port}/hook", ["127.0.0.1"], "not in allowed_hosts"),
+    ("http://2130706433:{port}/hook", [LISTED], "non-canonical IPv4"),
+    ("http://2130706433:{port}/hook", ["127.0.0.1"], "non-canonical IPv4"),
+    ("http://0177.0.0.1:{port}/hook", ["127.0.0.1"], "non-canonical IPv4"),
+    ("http://0x7f.1:{port}/hook", ["127.0.0.1"], "non-canonical IPv4"),
+    ("http://0x7f000001:{port}/hook", ["127.0.0.1"], "non-canonical IPv4"),
+    ("http://127.1:{port}/hook", ["127.0.0.1"], "non-canonical IPv4"),
+    ("http://%31%32%37.0.0.1:{port}/hook", ["127.0.0.1"], "non-canonical IPv4"),
     # The same forms listed as if they were host names: the system resolver reads them as
     # 127.0.0.1, so they are refused as addresses written ambiguously, not judged as names.
     ("http://2130706433:{port}/hook", ["2130706433"], "non-canonical IPv4"),

@@ -191,6 +191,15 @@ def _ip(text: str) -> IPAddress | None:
     return address
 
 
+# A host whose last label is a number (decimal, octal 0177, hex 0x7f) is an IPv4 address to URL
+# parsers and to inet_aton, so judging it as a name would let "2130706433" reach 127.0.0.1.
+_NUMERIC_LABEL_RE = re.compile(r"0x[0-9a-f]*|[0-9]+")
+
+
+def _numeric_host(name: str) -> bool:
+    return bool(_NUMERIC_LABEL_RE.fullmatch(name.rsplit(".", 1)[-1]))
+
+
 def _normalise_host(host: str) -> str:
     host = host.strip().rstrip(".").lower()
     try:
@@ -217,6 +226,11 @@ class AllowList:
             except ValueError:
                 pass
             name = _normalise_host(text)
+            if _numeric_host(name):
+                raise ChannelConfigError(
+                    f"WebhookChannel: allowed_hosts entry {entry!r} is a non-canonical IPv4 "
+                    "address (decimal, octal or hex); write it in dotted decimal"
+                )
             if not _HOSTNAME_RE.fullmatch(name):
                 raise ChannelConfigError(
                     f"WebhookChannel: allowed_hosts entry {entry!r} is neither a host name nor an "
@@ -243,6 +257,11 @@ class AllowList:
                     f"WebhookChannel: URL host {host} is not in allowed_hosts {self.describe()}"
                 )
             return
+        if _numeric_host(_normalise_host(host)):
+            raise ChannelConfigError(
+                f"WebhookChannel: URL host {host!r} is a non-canonical IPv4 address (decimal, "
+                "octal or hex); write it in dotted decimal"
+            )
         if _normalise_host(host) not in self.names:
             raise ChannelConfigError(
                 f"WebhookChannel: URL host {host!r} is not in allowed_hosts {self.describe()}"
