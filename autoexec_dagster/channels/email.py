@@ -45,7 +45,12 @@ _ADDRESS_RE = re.compile(
     rf"|(?P<name>[^<>\",;:@]*?)\s*<(?P<a2>{_ADDR})>"
     rf"|(?P<a3>{_ADDR}))"
 )
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls and U+2028/U+2029: str.splitlines() breaks on several of them, and the
+# mail library refuses a header that splits into lines, so they are refused before sending.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# The mail library decodes RFC 2047 encoded words when a header is set and folds a decoded CR/LF
+# out as a real line break: "=?utf-8?b?...?=" would add headers although it looks harmless.
+_ENCODED_WORD_RE = re.compile(r"=\?[^?\s]*\?[bq]\?[^?\s]*\?=", re.IGNORECASE)
 _MSGID_SAFE_RE = re.compile(r"[A-Za-z0-9_-]{1,200}")
 _EMAIL_LIKE_RE = re.compile(r"\S+@\S+")
 
@@ -74,7 +79,9 @@ def parse_address(value: object) -> str:
     if "\r" in value or "\n" in value:
         raise ValueError("contains a CR or LF character (header injection refused)")
     if _CONTROL_RE.search(value):
-        raise ValueError("contains a control character")
+        raise ValueError("contains a control or line-separator character")
+    if _ENCODED_WORD_RE.search(value):
+        raise ValueError("contains an RFC 2047 encoded word (header injection refused)")
     stripped = value.strip()
     if not stripped:
         raise ValueError("is empty")
@@ -91,6 +98,17 @@ def parse_address(value: object) -> str:
     if len(addr.rpartition("@")[0]) > 64 or len(addr) > 254:
         raise ValueError("is too long for an e-mail address")
     return addr
+
+
+def subject_problem(subject: str) -> str | None:
+    """Why a rendered subject cannot be sent as one header line, or None if it can."""
+    if "\r" in subject or "\n" in subject:
+        return "contains a CR or LF character (header injection refused)"
+    if _CONTROL_RE.search(subject):
+        return "contains a control or line-separator character (header injection refused)"
+    if _ENCODED_WORD_RE.search(subject):
+        return "contains an RFC 2047 encoded word (header injection refused)"
+    return None
 
 
 def _domain(addr: str) -> str:
@@ -232,10 +250,10 @@ class _EmailSender:
             )
         except ChannelConfigError as exc:
             raise PermanentChannelError(str(exc)) from exc
-        if "\r" in subject or "\n" in subject:
+        problem = subject_problem(subject)
+        if problem is not None:
             raise PermanentChannelError(
-                f"EmailChannel subject, {where}: rendered subject contains a CR or LF "
-                "character (header injection refused)"
+                f"EmailChannel subject, {where}: rendered subject {problem}"
             )
         msg = EmailMessage()
         msg["From"] = channel.sender
@@ -351,10 +369,10 @@ class EmailChannel(Channel):
                 ) from exc
             context = row_context(record)
             rendered = render(subject, context, what=f"EmailChannel subject, {where}")
-            if "\r" in rendered or "\n" in rendered:
+            problem = subject_problem(rendered)
+            if problem is not None:
                 raise ChannelConfigError(
-                    f"EmailChannel subject, {where}: rendered subject contains a CR or LF "
-                    "character (header injection refused)"
+                    f"EmailChannel subject, {where}: rendered subject {problem}"
                 )
             render(body, context, what=f"EmailChannel body, {where}")
             if html is not None:
