@@ -59,6 +59,7 @@ class _Tripwire:
         self.fault_after_claimed = bool(spec.get("fault_after_claimed"))
         self.fault_repeat = bool(spec.get("fault_repeat"))
         self.fault_path = Path(spec["result_path"] + ".fault") if "result_path" in spec else None
+        self.trace: list[str] | None = [] if spec.get("trace") else None
         self.dialect = ""
         self.total = 0
         self.claimed_keys = 0
@@ -96,6 +97,8 @@ class _Tripwire:
         """Raise the injected database error when this statement is the chosen one."""
         with self.lock:
             self.statements += 1
+            if self.trace is not None:
+                self.trace.append(self.method() or "(other)")
             if self.fault_scope is not None and self.method() != self.fault_scope:
                 return
             if self.fault_after_claimed and self.claimed_keys < self.total:
@@ -132,6 +135,7 @@ class _Tripwire:
                 "faults": self.faults,
                 "fault_statement": self.fault_statement,
                 "fault_method": self.fault_method,
+                "trace": self.trace,
             }
 
 
@@ -230,7 +234,8 @@ def run_trial(spec: Mapping[str, Any]) -> dict[str, Any]:
 
     Spec keys: ``ledger``, ``webhook``, ``entities``, ``partition``; optional ``concurrency``,
     ``lease_seconds``, ``worker_name`` (sent as the ``X-Worker`` header), ``point`` and
-    ``kill_after``, ``fault_at``, ``fault_scope``, ``fault_after_claimed``, ``fault_repeat``.
+    ``kill_after``, ``fault_at``, ``fault_scope``, ``fault_after_claimed``, ``fault_repeat``,
+    ``trace`` (return the ledger method behind each SQL statement, in order).
     """
     from autoexec_dagster import LedgerError, execute_plan, route
     from tests.delivery_worker import SECRET, insight, playbook
