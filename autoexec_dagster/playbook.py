@@ -22,7 +22,8 @@ from autoexec_dagster.errors import PlaybookError
 
 RuleCallable = Callable[[pd.DataFrame], pd.Series]
 
-_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
+# \Z, not $: $ also matches before a trailing newline, which would let "name\n" through.
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}\Z")
 _BACKTICK_RE = re.compile(r"`([^`]+)`")
 
 # Expression nodes a rule may contain: comparisons, boolean logic and arithmetic over columns and
@@ -109,11 +110,36 @@ def parse_expression(source: str, *, rule: str) -> ParsedExpression:
         raise PlaybookError(
             f"rule {rule!r}: the expression {source!r} does not parse: {exc.msg}"
         ) from None
+    except (RecursionError, MemoryError):
+        # CPython's parser reports deep nesting (thousands of 'not', '-' or '+') this way.
+        raise PlaybookError(
+            f"rule {rule!r}: the expression {source[:80]!r}... is too deeply nested"
+        ) from None
     for node in ast.walk(tree):
         if not isinstance(node, _ALLOWED_NODES):
             raise PlaybookError(
                 f"rule {rule!r}: the expression {source!r} uses {type(node).__name__}, which rules "
                 "do not allow (only comparisons, and/or/not, arithmetic, columns and literals)"
+            )
+    names = [node.id for node in ast.walk(tree) if isinstance(node, ast.Name)]
+    for name in names:
+        # Only backtick placeholders start with "__", once each; a written one is a forgery.
+        if name.startswith("__") and (name not in placeholders or names.count(name) > 1):
+            raise PlaybookError(
+                f"rule {rule!r}: the expression {source!r} uses the name {name!r}; names with a "
+                "leading double underscore are not allowed (quote such a column in backticks)"
+            )
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.BinOp)
+            and isinstance(node.op, ast.Pow)
+            and _constant_only(node.left)
+            and _constant_only(node.right)
+        ):
+            # pandas evaluates literals as Python integers: 9 ** 9 ** 9 would never finish.
+            raise PlaybookError(
+                f"rule {rule!r}: the expression {source!r} raises a power of two numbers; "
+                "write the number itself"
             )
     columns: set[str] = set()
     numeric: set[str] = set()
@@ -134,6 +160,10 @@ def parse_expression(source: str, *, rule: str) -> ParsedExpression:
             )
     # True/False/None parse as constants in Python 3, so every Name is a column.
     return ParsedExpression(source, frozenset(columns), frozenset(numeric))
+
+
+def _constant_only(node: ast.AST) -> bool:
+    return not any(isinstance(child, ast.Name) for child in ast.walk(node))
 
 
 def _is_number(node: ast.AST) -> bool:
@@ -276,7 +306,8 @@ class Guardrails(BaseModel):
     max_flagged_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
     holdout_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
     dry_run: bool = False
-    cooldown_days: float | None = Field(default=None, gt=0)
+    # At most a century: a longer window overflows the date arithmetic of the cooldown query.
+    cooldown_days: float | None = Field(default=None, gt=0, le=36_500)
 
 
 class Playbook(BaseModel):
@@ -313,7 +344,7 @@ class Playbook(BaseModel):
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
-        if not re.match(r"^[a-z][a-z0-9_]{0,62}$", value):
+        if not re.match(r"^[a-z][a-z0-9_]{0,62}\Z", value):
             raise ValueError(
                 f"playbook name {value!r} must be lowercase letters, digits and underscores, "
                 "starting with a letter (it becomes a Dagster asset key prefix)"
@@ -331,8 +362,10 @@ class Playbook(BaseModel):
     @classmethod
     def _check_ranges(cls, value: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
         for column, (low, high) in value.items():
-            if low > high:
-                raise ValueError(f"score_ranges[{column!r}]: low {low} is above high {high}")
+            if not low <= high:  # also refuses NaN, for which every comparison is false
+                raise ValueError(
+                    f"score_ranges[{column!r}]: low {low} is above high {high} or not a number"
+                )
         return value
 
     @model_validator(mode="after")
@@ -420,10 +453,19 @@ class Playbook(BaseModel):
             text = file.read_text(encoding="utf-8")
         except OSError as exc:
             raise PlaybookError(f"cannot read playbook {str(file)!r}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise PlaybookError(
+                f"playbook {str(file)!r} is not UTF-8 text (byte {exc.start})"
+            ) from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise PlaybookError(f"playbook {str(file)!r} is not valid YAML: {exc}") from None
+        except (ValueError, RecursionError) as exc:
+            # PyYAML lets these escape: an integer past Python's digit limit, deep nesting.
+            raise PlaybookError(
+                f"playbook {str(file)!r} is not valid YAML: {type(exc).__name__}: {str(exc)[:200]}"
+            ) from None
         return cls.from_dict(data, source=f"playbook {str(file)!r}")
 
     def to_yaml(self) -> str:
