@@ -1,7 +1,7 @@
 """A worker process for the delivery tests: routes a deterministic insight and executes it.
 
-Run as ``python -m tests.delivery_worker --ledger URL --webhook URL --entities N``; prints the
-report as one JSON line. Tests start it as a real process so they can kill it with SIGKILL or run
+Run as ``python -m tests.delivery_worker --ledger URL --webhook URL --entities N [--name A]``;
+prints the report as one JSON line. Tests start it as a real process so they can kill it with SIGKILL or run
 two at once.
 """
 
@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--webhook", required=True)
     parser.add_argument("--entities", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument(
+        "--name", default="", help="sent as the X-Worker header, so a receiver can tell who sent"
+    )
+    parser.add_argument("--timeout", type=float, default=10.0, help="per-request timeout, seconds")
     args = parser.parse_args(argv)
     channel = WebhookChannel(
         url=args.webhook,
@@ -61,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         max_concurrency=args.concurrency,
         backoff_base_seconds=0.01,
         backoff_max_seconds=0.5,
+        timeout_seconds=args.timeout,
+        headers={"X-Worker": args.name} if args.name else {},
     )
     report = execute_plan(
         route(insight(args.entities), playbook(), partition_key=PARTITION),
