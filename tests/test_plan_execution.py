@@ -1,4 +1,6 @@
 import logging
+import threading
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -178,24 +180,48 @@ def test_kill_switch_stops_before_the_first_action_and_resume_continues(ledger):
     assert _run(plan, ledger, channels).succeeded == report.pending
 
 
-def test_kill_switch_mid_batch_releases_unsent_actions(ledger, sqlite_url):
+def test_kill_switch_mid_batch_releases_unsent_actions(ledger_url):
     plan = route(churn_scores(3_000), churn_playbook(max_flagged_fraction=0.9), partition_key=DAY)
     acting = count_true(plan["decision"] == "act")
     channels = _channels(max_concurrency=1)
-    sent = {"n": 0}
+    sent: list[str] = []
+    noticed = threading.Event()
+    before_notice: set[str] = set()  # keys of claims that began before the executor saw the pause
+
+    class WatchedLedger(ActionLedger):
+        def claim(self, *args: Any, **kwargs: Any) -> Any:
+            early = not noticed.is_set()
+            claimed: Any = super().claim(*args, **kwargs)
+            if early:
+                # Claims return keys or work items, depending on the ledger's version.
+                before_notice.update(
+                    c if isinstance(c, str) else str(getattr(c, "idempotency_key", None) or c.key)
+                    for c in claimed
+                )
+            return claimed
+
+        def pause_reason(self, *args: Any, **kwargs: Any) -> Any:
+            reason = super().pause_reason(*args, **kwargs)
+            if reason:
+                noticed.set()
+            return reason
+
+    ledger = WatchedLedger(ledger_url)
 
     def pause_after_50(request):
-        sent["n"] += 1
-        if sent["n"] == 50:
+        sent.append(request.idempotency_key)
+        if len(sent) == 50:
             ledger.pause("churn_outreach", reason="stop now", by="ops")
 
     for channel in channels.values():
         channel.behave(pause_after_50)
     report = _run(plan, ledger, channels)
     assert report.paused_reason and "stop now" in report.paused_reason
-    # Only what was already claimed when the pause landed may still go out: one window (16)
-    # per channel.
-    assert 50 <= report.succeeded <= 50 + 2 * 16
+    # Once the executor has seen the pause, nothing it claims afterwards may go out.
+    after_pause = set(sent[50:])
+    assert after_pause <= before_notice, f"{len(after_pause - before_notice)} claimed late, sent"
+    assert len(before_notice) < acting, "the whole batch was claimed before the pause"
+    assert report.succeeded == len(sent) >= 50
     assert report.succeeded + report.pending == acting
     states = ledger.state_counts()
     assert states.get(schema.SENDING, 0) == 0
