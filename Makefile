@@ -1,4 +1,4 @@
-# Every target sets itself up: a fresh machine needs only Python 3.10+.
+# Every target sets itself up: a fresh machine needs only Python 3.11+.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

@@ -154,7 +154,7 @@ class Chromium:
 
         try:
             return await asyncio.wait_for(answer(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise DevToolsError(f"{method}: no answer within {timeout:.0f} s") from None
 
     async def navigate(self, url: str) -> None:
