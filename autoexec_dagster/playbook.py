@@ -319,9 +319,10 @@ class Playbook(BaseModel):
         rules: Ordered rules; the first matching rule decides an entity.
         guardrails: Limits checked before anything is sent.
         description: Free text shown in the Dagster UI.
-        version: Changes the idempotency keys. Defaults to a digest of the rules, so editing a rule
-            starts a new version (and actions under it may run again); set it explicitly to keep
-            keys stable across cosmetic edits.
+        version: Recorded on every ledger row the playbook writes. Defaults to a digest of the
+            rules. It is not part of the idempotency keys: after an edit, re-running a partition
+            executes only what the new version adds (an entity routed to an action it has not had
+            for that partition), never what was already done.
         holdout_salt: Salt of the holdout hash; change it to draw a new control group.
         required_columns: Columns the insight must hold besides those the rules read.
         score_ranges: Inclusive ``[low, high]`` range per numeric column, checked before routing.

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from autoexec_dagster.errors import InsightValidationError, PlanError, PlaybookError
+from autoexec_dagster.keys import SEP, idempotency_keys, key_label
 from autoexec_dagster.playbook import Playbook
 
 PLAN_COLUMNS: tuple[str, ...] = (
@@ -25,55 +26,11 @@ PLAN_COLUMNS: tuple[str, ...] = (
 DECISIONS: tuple[str, ...] = ("act", "escalate", "holdout", "skip")
 PLAN_ATTRS = "autoexec"
 _NO_RULE = "(none)"
-_SEP = "\x1f"
-
-
-def idempotency_keys(
-    *,
-    insight: str,
-    partition_key: str,
-    playbook_version: str,
-    actions: Sequence[str],
-    entity_ids: Sequence[str],
-) -> list[str]:
-    """Deterministic idempotency keys: hash(insight, partition, entity id, action, version).
-
-    The run id is deliberately not part of the key, so a re-run of a finished partition finds
-    every action already recorded.
-
-    Args:
-        insight: Insight asset key, as a string.
-        partition_key: Insight partition ("" when unpartitioned).
-        playbook_version: The playbook's effective version.
-        actions: Per entity: the action, or ``<decision>:<rule>`` for rows without an action.
-        entity_ids: Per entity: its id as a string.
-
-    Returns:
-        One 32-character hex key (BLAKE2b, 128 bits) per entity.
-    """
-    if len(actions) != len(entity_ids):
-        raise ValueError("actions and entity_ids must have the same length")
-    prefix = _SEP.join((insight, partition_key, playbook_version, "")).encode()
-    # Entities share a handful of actions: feed insight, partition, version and action to one
-    # hasher per action, then copy it per entity. This keeps 1M keys well under half a second.
-    bases: dict[str, Any] = {}
-    keys: list[str] = []
-    append = keys.append
-    for action, entity in zip(actions, entity_ids, strict=True):
-        base = bases.get(action)
-        if base is None:
-            base = bases[action] = hashlib.blake2b(
-                prefix + f"{action}{_SEP}".encode(), digest_size=16
-            )
-        hasher = base.copy()
-        hasher.update(entity.encode())
-        append(hasher.hexdigest())
-    return keys
 
 
 def _holdout_draw(entity_ids: Sequence[str], *, playbook: Playbook) -> np.ndarray:
     """A uniform number in [0, 1) per entity, stable for a playbook name and salt."""
-    base = hashlib.blake2b(f"{playbook.name}{_SEP}{playbook.holdout_salt}{_SEP}".encode())
+    base = hashlib.blake2b(f"{playbook.name}{SEP}{playbook.holdout_salt}{SEP}".encode())
     out = np.empty(len(entity_ids), dtype=np.float64)
     for i, entity in enumerate(entity_ids):
         hasher = base.copy()
@@ -220,8 +177,8 @@ def route(
         reasons.append(f"holdout: control group ({fraction:.1%} of actions)")
         reason_codes[held] = len(reasons) - 1
 
-    labels = [_key_label(r.action, r.decision, r.name) for r in rules] + [
-        _key_label(None, "skip", _NO_RULE)
+    labels = [key_label(r.action, r.decision, r.name) for r in rules] + [
+        key_label(None, "skip", _NO_RULE)
     ]
     plan = frame.copy()
     # Categoricals built from codes keep 1M-row plans small and fast to build.
@@ -247,7 +204,6 @@ def route(
     plan["idempotency_key"] = idempotency_keys(
         insight=insight_name or playbook.name,
         partition_key=partition_key or "",
-        playbook_version=playbook.effective_version,
         actions=label_array.tolist(),
         entity_ids=entity_ids,
     )
@@ -258,14 +214,6 @@ def route(
         "insight": insight_name or playbook.name,
     }
     return plan
-
-
-def _key_label(action: str | None, decision: str, rule: str) -> str:
-    """The action part of a key: the action, or ``<decision>:<rule>`` for rows without one.
-
-    Holdout rows keep their action so the control group is measured per action.
-    """
-    return action if action is not None else f"{decision}:{rule}"
 
 
 def _key_actions(plan: pd.DataFrame) -> list[str]:
@@ -280,21 +228,34 @@ def rekey(
     """Return the plan keyed for a partition, checking it was routed by this playbook.
 
     Raises:
-        PlanError: The plan is missing routing columns, was routed by another playbook or
-            version, or for another partition.
+        PlanError: The plan is missing routing columns, has lost its provenance, was routed by
+            another playbook or version, or for another partition.
     """
     missing = [c for c in PLAN_COLUMNS if c not in plan.columns]
     if missing:
         raise PlanError(
             f"the plan lacks routing column(s) {missing}; build it with autoexec_dagster.route()"
         )
-    attrs = plan.attrs.get(PLAN_ATTRS, {})
+    attrs = plan.attrs.get(PLAN_ATTRS)
+    if (
+        not isinstance(attrs, dict)
+        or not attrs.get("playbook")
+        or not attrs.get("playbook_version")
+    ):
+        # pandas keeps DataFrame.attrs through some operations and drops it through others
+        # (CSV or parquet round trips, frames rebuilt from columns). Without provenance nothing
+        # proves which playbook and version chose these actions, so nothing is executed.
+        raise PlanError(
+            "the plan has lost its provenance (DataFrame.attrs['autoexec'], which pandas drops "
+            "on file round trips and when a frame is rebuilt); route the insight again with "
+            "autoexec_dagster.route() and execute that plan"
+        )
     version = playbook.effective_version
-    if attrs.get("playbook") not in (None, playbook.name):
+    if attrs["playbook"] != playbook.name:
         raise PlanError(
             f"the plan was routed by playbook {attrs['playbook']!r}, not {playbook.name!r}"
         )
-    if attrs.get("playbook_version") not in (None, version):
+    if attrs["playbook_version"] != version:
         raise PlanError(
             f"the plan was routed by version {attrs['playbook_version']!r} of playbook "
             f"{playbook.name!r}, which is now at {version!r}; route the insight again"
@@ -308,11 +269,7 @@ def rekey(
     unknown = set(plan["decision"].astype(str).unique()) - set(DECISIONS)
     if unknown:
         raise PlanError(f"the plan holds unknown decision(s) {sorted(unknown)}")
-    if (
-        attrs.get("partition_key") == partition_key
-        and attrs.get("playbook_version") == version
-        and attrs.get("insight") == insight
-    ):
+    if attrs.get("partition_key") == partition_key and attrs.get("insight") == insight:
         # Keyed by route() for exactly this partition: recomputing would copy a million-row plan
         # to produce the same keys.
         return plan
@@ -320,7 +277,6 @@ def rekey(
     keyed["idempotency_key"] = idempotency_keys(
         insight=insight,
         partition_key=partition_key,
-        playbook_version=version,
         actions=_key_actions(plan),
         entity_ids=plan["entity_id"].astype(str).tolist(),
     )

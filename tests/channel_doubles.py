@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import PrivateAttr
 
-from autoexec_dagster.channels.base import ActionRequest, Channel
+from autoexec_dagster.channels.base import ActionRequest, Channel, as_delivered
 from autoexec_dagster.errors import ChannelError
 
 
@@ -72,14 +72,14 @@ def fail_first(n: int, error: Callable[[], ChannelError]) -> Callable[[ActionReq
 
 
 def send_all(ch: Channel, requests: list[ActionRequest]) -> list[str | ChannelError]:
-    """Send every request through one sender of ``ch`` concurrently; errors are returned."""
+    """Send every request through one sender of ``ch`` concurrently; receipts or errors."""
 
     async def run() -> list[str | ChannelError]:
         async with ch.open_sender() as sender:
 
             async def one(request: ActionRequest) -> str | ChannelError:
                 try:
-                    return await sender.send(request)
+                    return as_delivered(await sender.send(request)).receipt
                 except ChannelError as exc:
                     return exc
 

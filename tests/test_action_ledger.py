@@ -75,8 +75,10 @@ def test_two_workers_never_claim_the_same_action(ledger_url):
     first, second = ActionLedger(ledger_url), ActionLedger(ledger_url)
     first.reserve(_rows(100))
     keys = [f"k{i}" for i in range(100)]
-    a = first.claim(keys[:60], worker=new_worker_id(), lease_seconds=60, run_id="r1")
-    b = second.claim(keys, worker=new_worker_id(), lease_seconds=60, run_id="r2")
+    a = [
+        i.key for i in first.claim(keys[:60], worker=new_worker_id(), lease_seconds=60, run_id="r1")
+    ]
+    b = [i.key for i in second.claim(keys, worker=new_worker_id(), lease_seconds=60, run_id="r2")]
     assert len(a) == 60
     assert sorted(b) == sorted(keys[60:])
     assert not set(a) & set(b)
@@ -124,10 +126,9 @@ def test_only_the_claiming_worker_completes(ledger_url):
 def test_recovery_of_a_dead_workers_claims(ledger_url):
     ledger = ActionLedger(ledger_url)
     ledger.reserve(_rows(3) + _rows(1, prefix="m", delivery="at_most_once"))
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
-    dead_worker = new_worker_id().rsplit(":", 2)[0] + f":{dead.stdout.strip()}:deadbeef"
+    code = "from autoexec_dagster.ledger.liveness import new_worker_id as w; print(w())"
+    dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    dead_worker = dead.stdout.strip()  # the worker id of a process that has exited
     ledger.claim(["k0", "k1", "m0"], worker=dead_worker, lease_seconds=3600, run_id=None)
     live = new_worker_id()
     ledger.claim(["k2"], worker=live, lease_seconds=3600, run_id=None)
@@ -135,7 +136,7 @@ def test_recovery_of_a_dead_workers_claims(ledger_url):
     assert recovered == {"k0": "at_least_once", "k1": "at_least_once", "m0": "at_most_once"}
     # At-least-once in-doubt actions may be claimed again; the at-most-once one may not.
     again = ledger.claim(["k0", "k1", "m0"], worker=live, lease_seconds=60, run_id=None)
-    assert sorted(again) == ["k0", "k1"]
+    assert sorted(i.key for i in again) == ["k0", "k1"]
 
 
 def test_expired_leases_are_recovered(ledger_url):

@@ -7,12 +7,12 @@ import asyncio
 import gc
 import threading
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
-import tomllib
 
 from autoexec_dagster import ActionLedger, LedgerError, PlanError, execute_plan, route
 from autoexec_dagster.executor.plan_execution import execute_plan_async
@@ -22,8 +22,6 @@ from tests.conftest import churn_playbook, churn_scores
 
 DAY = "2026-11-24"
 ROOT = Path(__file__).resolve().parents[1]
-# Removed from each test in the commit that fixes its defect.
-OPEN_DEFECT = pytest.mark.xfail(strict=True, reason="issue 6 defect, not fixed yet")
 
 
 def _channels() -> dict[str, RecordingChannel]:
@@ -53,7 +51,6 @@ def _in_thread(fn: Any, *, deadline: float) -> tuple[bool, Any]:
     return not thread.is_alive(), box.get("result")
 
 
-@OPEN_DEFECT
 def test_defect_1_a_playbook_edit_does_not_resend(sqlite_url):
     ledger = ActionLedger(sqlite_url)
     channels = _channels()
@@ -91,7 +88,6 @@ def test_defect_1_a_playbook_edit_does_not_resend(sqlite_url):
     assert versions == {first.effective_version, edited.effective_version}
 
 
-@OPEN_DEFECT
 def test_defect_2_a_ledger_error_ends_the_run(sqlite_url):
     class BrokenComplete(ActionLedger):
         def complete(self, *args: Any, **kwargs: Any) -> Any:
@@ -116,7 +112,6 @@ def test_defect_2_a_ledger_error_ends_the_run(sqlite_url):
     assert len(ActionLedger(sqlite_url).recover(keys)) == sending
 
 
-@OPEN_DEFECT
 def test_defect_3_a_failing_digest_never_leaves_a_sent_action_unrecorded(sqlite_url):
     class BadDigest(RecordingChannel):
         def request_digest(self, request: Any) -> str:
@@ -138,7 +133,6 @@ def test_defect_3_a_failing_digest_never_leaves_a_sent_action_unrecorded(sqlite_
     assert not set(rows["state"]) & {schema.SENDING, schema.RESERVED}
 
 
-@OPEN_DEFECT
 def test_defect_5_declared_python_versions_are_the_tested_ones():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     # datetime.UTC and tomllib are 3.11+; CI runs 3.11.
@@ -146,7 +140,6 @@ def test_defect_5_declared_python_versions_are_the_tested_ones():
     assert project["tool"]["ruff"]["target-version"] == "py311"
 
 
-@OPEN_DEFECT
 def test_defect_6_ledger_io_runs_off_the_event_loop(sqlite_url):
     class SlowLedger(ActionLedger):
         # Slow database round trips on calls the executor makes before and after sending.
@@ -183,7 +176,6 @@ def test_defect_6_ledger_io_runs_off_the_event_loop(sqlite_url):
     assert asyncio.run(main()) < 0.2
 
 
-@OPEN_DEFECT
 def test_defect_6_no_process_wide_gc_state_is_changed(sqlite_url):
     ledger = ActionLedger(sqlite_url)
     playbook = churn_playbook(max_flagged_fraction=0.9)
@@ -199,7 +191,6 @@ def test_defect_6_no_process_wide_gc_state_is_changed(sqlite_url):
         gc.unfreeze()
 
 
-@OPEN_DEFECT
 @pytest.mark.parametrize(
     "lose",
     [
@@ -228,7 +219,6 @@ def _csv(plan: pd.DataFrame) -> Any:
     return buffer
 
 
-@OPEN_DEFECT
 def test_defect_11_an_open_escalation_is_not_reopened_every_day(sqlite_url):
     ledger = ActionLedger(sqlite_url)
     playbook = churn_playbook(max_flagged_fraction=0.9)
@@ -248,5 +238,5 @@ def test_defect_11_an_open_escalation_is_not_reopened_every_day(sqlite_url):
     )
     queue = ledger.escalations(playbook="churn_outreach")
     assert len(queue) == first.escalated  # nobody got a second open escalation
-    assert getattr(second, "still_open_escalations", None) == {"2026-11-24": first.escalated}
+    assert second.still_open_escalations == {"2026-11-24": first.escalated}
     assert second.escalated == 0

@@ -11,8 +11,6 @@ import pytest
 from autoexec_dagster.ledger import schema
 from autoexec_dagster.ledger.action_ledger import ActionLedger, Outcome, new_worker_id
 
-OPEN_DEFECT = pytest.mark.xfail(strict=True, reason="issue 6 defect 9, not fixed yet")
-
 
 def _together(n: int, fn: Callable[[int], Any]) -> list[Any]:
     """Run ``fn(i)`` in ``n`` threads released at once; returns results or exceptions."""
@@ -49,7 +47,6 @@ def _escalation(key: str) -> dict[str, Any]:
     }
 
 
-@OPEN_DEFECT
 @pytest.mark.postgres
 def test_concurrent_pauses_of_a_new_scope_do_not_collide(postgres_url):
     ledgers = [ActionLedger(postgres_url) for _ in range(8)]
@@ -61,7 +58,6 @@ def test_concurrent_pauses_of_a_new_scope_do_not_collide(postgres_url):
     assert ledgers[0].pause_reason("pb9") is not None
 
 
-@OPEN_DEFECT
 @pytest.mark.postgres
 def test_concurrent_escalations_are_each_reported_new_once(postgres_url):
     ledgers = [ActionLedger(postgres_url) for _ in range(4)]
@@ -72,7 +68,6 @@ def test_concurrent_escalations_are_each_reported_new_once(postgres_url):
     assert sorted(reported) == sorted(r["idempotency_key"] for r in rows)
 
 
-@OPEN_DEFECT
 def test_complete_opens_no_escalation_for_a_claim_it_does_not_hold(sqlite_url):
     ledger = ActionLedger(sqlite_url)
     row = {k: v for k, v in _escalation("k0").items() if k not in ("kind", "reason", "data")}
@@ -86,7 +81,6 @@ def test_complete_opens_no_escalation_for_a_claim_it_does_not_hold(sqlite_url):
     assert ledger.escalations(status=None).empty
 
 
-@OPEN_DEFECT
 def test_a_reused_pid_does_not_keep_a_dead_worker_alive(sqlite_url):
     ledger = ActionLedger(sqlite_url)
     row = {k: v for k, v in _escalation("k0").items() if k not in ("kind", "reason", "data")}

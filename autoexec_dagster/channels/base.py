@@ -6,10 +6,14 @@ with ``dg.EnvVar`` secrets) that the executor drives in three steps:
 1. ``validate_rows(rows)`` before anything is sent: raise :class:`ChannelConfigError` naming the
    first bad value (invalid address, template failure, host not allowed). No side effects.
 2. ``open_sender()``: an async context manager holding connections for one batch.
-3. ``await sender.send(request)`` once per attempt. Return a short receipt on success; raise
-   :class:`TransientChannelError` (retried, honouring ``retry_after``) or
-   :class:`PermanentChannelError` (not retried). The idempotency key must travel with the
-   request (header, Message-ID, natural key) so a receiver can deduplicate.
+3. ``await sender.send(request)`` once per attempt. On success return :class:`Delivered` (a
+   short receipt and, optionally, the reply's JSON output that later steps may read) or just the
+   receipt text; on failure raise :class:`TransientChannelError` (retried, honouring
+   ``retry_after``) or :class:`PermanentChannelError` (not retried). The idempotency key must
+   travel with the request (header, Message-ID, natural key) so a receiver can deduplicate.
+
+Everything that can fail before the side effect (rendering, digests) is computed before ``send``;
+after it, the executor only records the outcome, so a delivered action is never left unrecorded.
 """
 
 import hashlib
@@ -56,11 +60,37 @@ class ActionRequest:
     attempt: int = 1
 
 
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """A delivered request: the channel's result on success.
+
+    Attributes:
+        receipt: Short status for the ledger and people, such as ``"HTTP 200"``.
+        output: The reply as JSON-able data (a webhook's JSON body, a callable's dict, a row),
+            stored bounded in the ledger for later workflow steps; None when there is none.
+    """
+
+    receipt: str
+    output: Mapping[str, Any] | None = None
+
+
+def as_delivered(result: "Delivered | str | Any") -> Delivered:
+    """Normalise what ``Sender.send`` returned; never raises (the action was delivered)."""
+    if isinstance(result, Delivered):
+        return result
+    if isinstance(result, str):
+        return Delivered(receipt=result)
+    try:
+        return Delivered(receipt=repr(result)[:200])
+    except Exception:
+        return Delivered(receipt=f"delivered ({type(result).__name__})")
+
+
 class Sender(Protocol):
     """An open connection to a destination, valid for one batch."""
 
-    async def send(self, request: ActionRequest) -> str:
-        """Deliver one request; return a short receipt such as ``"HTTP 200"``."""
+    async def send(self, request: ActionRequest) -> "Delivered | str":
+        """Deliver one request; return :class:`Delivered` or a short receipt (``"HTTP 200"``)."""
         ...
 
 

@@ -1,8 +1,9 @@
 """Deliver by calling a Python function: for destinations that come with a client library.
 
 The function receives the :class:`~autoexec_dagster.channels.base.ActionRequest` (use its
-``idempotency_key`` when the destination accepts one) and returns an optional receipt string. It
-may be ``async def`` (awaited on the executor's loop) or a plain function (run in a thread pool
+``idempotency_key`` when the destination accepts one) and returns an optional receipt string, a
+mapping (kept, bounded, as the step's output for later workflow steps) or a
+:class:`~autoexec_dagster.channels.base.Delivered`. It may be ``async def`` (awaited on the executor's loop) or a plain function (run in a thread pool
 of ``max_concurrency`` threads, at most 64).
 
 Errors: a :class:`~autoexec_dagster.errors.ChannelError` it raises passes through unchanged, so
@@ -20,7 +21,7 @@ import asyncio
 import importlib
 import inspect
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 import pandas as pd
 from pydantic import Field, PrivateAttr
 
-from autoexec_dagster.channels.base import ActionRequest, Channel
+from autoexec_dagster.channels.base import ActionRequest, Channel, Delivered
 from autoexec_dagster.errors import (
     ChannelConfigError,
     ChannelError,
@@ -120,10 +121,15 @@ def _is_async(fn: Any) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
 
 
-def _receipt(result: Any) -> str:
+def _delivered(result: Any) -> Delivered:
+    """A callable's return value: a mapping is the step output, anything else the receipt."""
+    if isinstance(result, Delivered):
+        return result
     if result is None:
-        return "ok"
-    return str(result)[:200]
+        return Delivered(receipt="ok")
+    if isinstance(result, Mapping):
+        return Delivered(receipt="ok", output=dict(result))
+    return Delivered(receipt=str(result)[:200])
 
 
 class _PythonSender:
@@ -144,7 +150,7 @@ class _PythonSender:
                 return True
         return False
 
-    async def send(self, request: ActionRequest) -> str:
+    async def send(self, request: ActionRequest) -> Delivered:
         try:
             if self._async:
                 result = await self._fn(request)
@@ -160,7 +166,7 @@ class _PythonSender:
             if self._is_permanent(exc):
                 raise PermanentChannelError(message) from exc
             raise TransientChannelError(message) from exc
-        return _receipt(result)
+        return _delivered(result)
 
 
 class PythonChannel(Channel):

@@ -44,7 +44,13 @@ from aiohttp.resolver import DefaultResolver
 from pydantic import Field
 from yarl import URL
 
-from autoexec_dagster.channels.base import ActionRequest, Channel, digest, resolve_secret
+from autoexec_dagster.channels.base import (
+    ActionRequest,
+    Channel,
+    Delivered,
+    digest,
+    resolve_secret,
+)
 from autoexec_dagster.channels.templates import REQUEST_FIELDS
 from autoexec_dagster.errors import (
     ChannelConfigError,
@@ -392,8 +398,8 @@ def _parse_retry_after(value: str | None) -> float | None:
         except (TypeError, ValueError, IndexError):
             return None
         if when.tzinfo is None:
-            when = when.replace(tzinfo=dt.timezone.utc)
-        seconds = (when - dt.datetime.now(dt.timezone.utc)).total_seconds()
+            when = when.replace(tzinfo=dt.UTC)
+        seconds = (when - dt.datetime.now(dt.UTC)).total_seconds()
     if not math.isfinite(seconds):
         return None
     return max(0.0, seconds)
@@ -440,7 +446,7 @@ class _WebhookSender:
         body["rule"] = request.rule
         return body
 
-    async def send(self, request: ActionRequest) -> str:
+    async def send(self, request: ActionRequest) -> Delivered:
         body = json.dumps(
             self.payload(request), separators=(",", ":"), ensure_ascii=False, allow_nan=False
         ).encode()
@@ -461,9 +467,11 @@ class _WebhookSender:
                 status = response.status
                 retry_after = response.headers.get("Retry-After")
                 length = response.content_length
+                reply = b""
                 if length is None or length <= _MAX_RESPONSE_BYTES:
                     # Reading the (small) answer lets the connection go back to the pool.
-                    await response.read()
+                    reply = await response.read()
+                is_json = response.content_type == "application/json"
         except TimeoutError as exc:
             raise TransientChannelError(f"webhook to {self._host}: timed out") from exc
         except aiohttp.ClientConnectorError as exc:
@@ -472,7 +480,8 @@ class _WebhookSender:
             raise TransientChannelError(
                 f"webhook to {self._host}: {type(exc).__name__}: {exc}"
             ) from exc
-        return self._outcome(status, retry_after)
+        receipt = self._outcome(status, retry_after)
+        return Delivered(receipt=receipt, output=_json_output(reply) if is_json else None)
 
     def _connect_error(self, exc: aiohttp.ClientConnectorError) -> ChannelError:
         if isinstance(exc.os_error, _AddressNotAllowed):
@@ -490,6 +499,15 @@ class _WebhookSender:
         if status in (408, 429) or status >= 500:
             raise TransientChannelError(where, retry_after=_parse_retry_after(retry_after))
         raise PermanentChannelError(where)
+
+
+def _json_output(reply: bytes) -> dict[str, Any] | None:
+    """A JSON object reply as the step output; anything else (or malformed JSON) is none."""
+    try:
+        value = json.loads(reply) if reply else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class WebhookChannel(Channel):

@@ -23,8 +23,12 @@ class ExecutionReport:
         flagged: Entities any rule acted on, escalated or held out.
         succeeded: Actions delivered.
         failed: Actions that failed permanently or ran out of attempts (each also escalated).
-        escalated: Entities sent to the human queue by a rule, a guardrail, an open circuit or
-            an in-doubt at-most-once action.
+        escalated: Entities sent to the human queue by this call: by a rule, a guardrail, an
+            open circuit or an in-doubt at-most-once action.
+        still_open_escalations: Entities a rule escalates whose escalation by that rule is still
+            open from an earlier partition (not opened again), counted by that partition.
+        earlier_versions: When earlier runs of this partition used other playbook versions: the
+            number of ledger rows each wrote. Only what this version adds was executed.
         held_out: Entities held out as the control group.
         skipped: Entities no rule acted on.
         already_done: Entities a previous execution had already finished.
@@ -55,6 +59,8 @@ class ExecutionReport:
     succeeded: int = 0
     failed: int = 0
     escalated: int = 0
+    still_open_escalations: dict[str, int] = field(default_factory=dict)
+    earlier_versions: dict[str, int] = field(default_factory=dict)
     held_out: int = 0
     skipped: int = 0
     already_done: int = 0
@@ -80,6 +86,17 @@ class ExecutionReport:
     def note_escalation(self, reason: str, n: int = 1) -> None:
         """Tally an escalation reason."""
         self.escalation_reasons[reason] = self.escalation_reasons.get(reason, 0) + n
+
+    def note_still_open(self, partition_key: str) -> None:
+        """Count an escalation that is still open from ``partition_key``."""
+        self.still_open_escalations[partition_key] = (
+            self.still_open_escalations.get(partition_key, 0) + 1
+        )
+
+    @property
+    def still_open(self) -> int:
+        """Entities whose escalation is still open from an earlier partition."""
+        return sum(self.still_open_escalations.values())
 
     def note_error(self, message: str) -> None:
         """Keep a bounded sample of error messages."""
@@ -117,6 +134,7 @@ class ExecutionReport:
             "succeeded": self.succeeded,
             "failed": self.failed,
             "escalated": self.escalated,
+            "still_open": self.still_open,
             "held_out": self.held_out,
             "skipped": self.skipped,
             "already_done": self.already_done,
@@ -137,6 +155,18 @@ class ExecutionReport:
             f"- **{self.autonomous:,}** handled autonomously"
             + (f" (autonomy rate {rate:.1%})" if rate is not None else ""),
             f"- **{self.escalated:,}** escalated to a person",
+            *(
+                [
+                    f"- {self.still_open:,} still waiting for a person from earlier partitions "
+                    + "("
+                    + ", ".join(
+                        f"{n:,} from `{p}`" for p, n in sorted(self.still_open_escalations.items())
+                    )
+                    + "): not escalated again"
+                ]
+                if self.still_open
+                else []
+            ),
             f"- {self.held_out:,} held out as control group, {self.skipped:,} skipped",
             f"- {self.failed:,} failed, {self.retries:,} retries",
         ]
@@ -146,6 +176,12 @@ class ExecutionReport:
             )
         if self.already_done:
             lines.append(f"- {self.already_done:,} already done by an earlier run (nothing resent)")
+        if self.earlier_versions:
+            earlier = ", ".join(f"`{v}`" for v in sorted(self.earlier_versions))
+            lines.append(
+                f"- playbook version `{self.playbook_version}`; earlier runs of this partition "
+                f"used {earlier}: only what this version adds was executed"
+            )
         if self.pending:
             lines.append(f"- {self.pending:,} pending (not sent in this run)")
         if self.blocked_reason:
@@ -190,6 +226,8 @@ class ExecutionReport:
             "throughput": self.throughput,
             "by_action": {k: dict(v) for k, v in self.by_action.items()},
             "escalation_reasons": dict(self.escalation_reasons),
+            "still_open_escalations": dict(self.still_open_escalations),
+            "earlier_versions": dict(self.earlier_versions),
             "errors": list(self.errors),
         }
 

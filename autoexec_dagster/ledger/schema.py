@@ -1,15 +1,18 @@
-"""Tables of the action ledger, its schema version and the migrations between versions.
+"""Tables of the action ledger and its schema version.
 
-The schema is versioned in ``autoexec_schema_version`` so a later release can migrate a ledger in
-place: add a function to :data:`MIGRATIONS` that takes version N to N+1 and bump
-:data:`SCHEMA_VERSION`.
+The schema is versioned in ``autoexec_schema_version`` so a release can migrate a ledger in place
+(see :mod:`autoexec_dagster.ledger.migrations`).
+
+Version 2: idempotency keys no longer include the playbook version; the outbox keeps each pending
+action's request data (``payload``) and each reply's bounded ``output``; rule escalations carry a
+``dedupe_key`` with at most one open escalation per key.
 """
-
-from collections.abc import Callable
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+OPEN = "open"
+RESOLVED = "resolved"
 
 # Action states. An action is reserved before its side effect and completed after it; a crash
 # leaves it in ``sending`` until recovery marks it ``in_doubt``.
@@ -65,6 +68,10 @@ actions = sa.Table(
     # Epoch seconds: compared on every claim and recovery, cheaper and portable as a float.
     sa.Column("lease_expires_at", sa.Float),
     sa.Column("request_digest", sa.String(64)),
+    # The request's entity data (JSON) while the action is pending; cleared once it is final.
+    sa.Column("payload", sa.Text),
+    # The reply's bounded JSON output, for later workflow steps.
+    sa.Column("output", sa.Text),
     sa.Column("detail", sa.String(500)),
     sa.Column("error", sa.Text),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
@@ -95,7 +102,34 @@ escalations = sa.Table(
     sa.Column("resolved_at", sa.DateTime(timezone=True)),
     sa.Column("resolved_by", sa.String(200)),
     sa.Column("resolution", sa.Text),
+    # Rule escalations: one case per (playbook, rule, entity) while it is open; else the key.
+    sa.Column("dedupe_key", sa.String(80)),
     sa.Index("ix_autoexec_escalations_partition", "playbook", "partition_key", "status"),
+    sa.Index(
+        "ux_autoexec_escalations_open_case",
+        "dedupe_key",
+        unique=True,
+        sqlite_where=sa.text("status = 'open'"),
+        postgresql_where=sa.text("status = 'open'"),
+    ),
+)
+
+# Rows that version 1 keyed apart only by playbook version: one survives under each new key, the
+# others are kept here so the migration loses no record of what was sent.
+superseded_actions = sa.Table(
+    "autoexec_actions_superseded",
+    metadata,
+    sa.Column("old_key", sa.String(80), primary_key=True),
+    sa.Column("idempotency_key", sa.String(80), nullable=False, index=True),
+    sa.Column("playbook", sa.String(100), nullable=False),
+    sa.Column("playbook_version", sa.String(100), nullable=False),
+    sa.Column("partition_key", sa.String(200), nullable=False),
+    sa.Column("entity_id", sa.String(300), nullable=False),
+    sa.Column("action", sa.String(100)),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("run_id", sa.String(64)),
+    sa.Column("completed_at", sa.DateTime(timezone=True)),
+    sa.Column("migrated_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 controls = sa.Table(
@@ -108,8 +142,3 @@ controls = sa.Table(
     sa.Column("updated_by", sa.String(200)),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
-
-Migration = Callable[[sa.Connection], None]
-
-# MIGRATIONS[n] takes a ledger from version n to n + 1.
-MIGRATIONS: dict[int, Migration] = {}

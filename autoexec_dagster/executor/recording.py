@@ -1,0 +1,229 @@
+"""Recording a plan in the ledger before anything is sent.
+
+Every entity gets a row: escalations, holdouts and skips are final at once; actions are reserved
+with their request data, so the delivery engine sends them from the ledger alone. A key that exists
+already is an entity an earlier run handled: it is counted, never sent again.
+"""
+
+import math
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+
+from autoexec_dagster.channels.base import Channel
+from autoexec_dagster.executor.report import ExecutionReport
+from autoexec_dagster.keys import escalation_dedupe_key
+from autoexec_dagster.ledger.action_ledger import ActionLedger
+from autoexec_dagster.ledger.schema import (
+    DRY_RUN,
+    ESCALATED,
+    FINAL_STATES,
+    HELD_OUT,
+    RESERVED,
+    SKIPPED,
+)
+from autoexec_dagster.routing import PLAN_ATTRS, PLAN_COLUMNS
+
+RECORD_CHUNK = 5_000
+DRY_PREFIX = "dry:"
+_STATE_FOR_DECISION = {"escalate": ESCALATED, "holdout": HELD_OUT, "skip": SKIPPED}
+
+
+def entity_data(record: Mapping[Any, Any]) -> dict[str, Any]:
+    """What an escalation shows a person of an entity: its insight columns, not routing ones."""
+    return {str(k): v for k, v in record.items() if k not in PLAN_COLUMNS or k == "entity_id"}
+
+
+def _action_name(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return str(value)
+
+
+def record_plan(
+    ledger: ActionLedger,
+    keyed: pd.DataFrame,
+    report: ExecutionReport,
+    *,
+    channels: Mapping[str, Channel],
+    run_id: str | None,
+    dry: bool,
+    cooldown: Mapping[tuple[str, str], datetime],
+) -> dict[str, list[str]]:
+    """Record every entity in the ledger; return the keys still to send, per action.
+
+    Works in chunks so a million-row plan never holds a million row dicts at once. Actions in
+    ``cooldown`` (the entity got the same action recently) are recorded as skipped, with why. A
+    rule escalation whose case (entity and rule) is still open from another partition is recorded
+    as escalated there and not opened again; the report counts it per partition.
+    """
+    info = keyed.attrs[PLAN_ATTRS]
+    partition = info["partition_key"] or ""
+    base = {
+        "playbook": info["playbook"],
+        "playbook_version": info["playbook_version"],
+        "insight": info["insight"],
+        "partition_key": partition,
+        "run_id": run_id,
+    }
+    delivery = {name: ch.delivery for name, ch in channels.items()}
+    to_send: dict[str, list[str]] = {}
+    keys_all = keyed["idempotency_key"].to_numpy()
+    entity_all = keyed["entity_id"].to_numpy()
+    decision_all = keyed["decision"].astype(str).to_numpy()
+    rule_all = keyed["rule"].astype(str).to_numpy()
+    action_all = keyed["action"].astype(object).to_numpy()
+    reason_all = keyed["reason"].astype(str).to_numpy()
+    for start in range(0, len(keyed), RECORD_CHUNK):
+        stop = min(start + RECORD_CHUNK, len(keyed))
+        positions = range(start, stop)
+        escalating = [i for i in positions if decision_all[i] == "escalate"]
+        cases = {
+            i: escalation_dedupe_key(
+                playbook=info["playbook"], entity_id=str(entity_all[i]), rule=rule_all[i]
+            )
+            for i in escalating
+        }
+        open_elsewhere: dict[int, str] = {}
+        if cases and not dry:
+            found = ledger.open_cases(list(cases.values()))
+            open_elsewhere = {
+                i: found[case]
+                for i, case in cases.items()
+                if case in found and found[case] != partition
+            }
+        sending = [
+            i
+            for i in positions
+            if decision_all[i] == "act"
+            and not dry
+            and cooldown.get((entity_all[i], str(action_all[i]))) is None
+        ]
+        data = dict(
+            zip(sending, keyed.iloc[sending].to_dict("records"), strict=True) if sending else ()
+        )
+        rows: list[dict[str, Any]] = []
+        for i in positions:
+            decision = decision_all[i]
+            action = _action_name(action_all[i])
+            detail = None
+            last = cooldown.get((entity_all[i], action)) if decision == "act" and action else None
+            if last is not None:
+                detail = f"cooldown: {action} delivered {last:%Y-%m-%d %H:%M} UTC"
+            if i in open_elsewhere:
+                detail = f"escalation still open since partition {open_elsewhere[i]}"
+            if dry:
+                key, state = DRY_PREFIX + keys_all[i], DRY_RUN
+            else:
+                key = keys_all[i]
+                if last is not None:
+                    state = SKIPPED
+                else:
+                    state = RESERVED if decision == "act" else _STATE_FOR_DECISION[decision]
+            row: dict[str, Any] = {
+                **base,
+                "idempotency_key": key,
+                "entity_id": entity_all[i],
+                "rule": rule_all[i],
+                "action": action,
+                "decision": decision,
+                "state": state,
+                "delivery": delivery.get(action or "", "at_least_once"),
+                "detail": detail,
+            }
+            if i in data:
+                row["data"] = data[i]
+            rows.append(row)
+        inserted = set(ledger.reserve(rows))
+        existing = [r["idempotency_key"] for r in rows if r["idempotency_key"] not in inserted]
+        states = ledger.states(existing) if existing else {}
+        new_escalations: list[int] = []
+        for offset, row in enumerate(rows):
+            position = start + offset
+            decision = row["decision"]
+            action = row["action"] or ""
+            if row["idempotency_key"] in inserted:
+                if decision == "act" and row["detail"] is not None:
+                    report.cooled_down += 1
+                    report.count(action, "cooldown")
+                elif decision == "act":
+                    if dry:
+                        report.dry_run_actions += 1
+                        report.count(action, "dry_run")
+                    else:
+                        to_send.setdefault(action, []).append(row["idempotency_key"])
+                elif decision == "escalate":
+                    if dry:
+                        report.escalated += 1
+                    elif position in open_elsewhere:
+                        report.note_still_open(open_elsewhere[position])
+                    else:
+                        new_escalations.append(position)
+                elif decision == "holdout":
+                    report.held_out += 1
+                    report.count(action, "held_out")
+                else:
+                    report.skipped += 1
+                continue
+            state, _worker = states.get(row["idempotency_key"], (None, None))
+            if decision == "act" and not dry and state not in FINAL_STATES:
+                # Reserved, or in doubt after an earlier crash: send it now.
+                to_send.setdefault(action, []).append(row["idempotency_key"])
+            else:
+                report.already_done += 1
+                if decision == "act":
+                    report.count(action, "already_done")
+        if new_escalations:
+            _open_rule_escalations(
+                ledger,
+                keyed,
+                report,
+                positions=new_escalations,
+                cases=cases,
+                info=info,
+                reasons=reason_all,
+            )
+    return to_send
+
+
+def _open_rule_escalations(
+    ledger: ActionLedger,
+    keyed: pd.DataFrame,
+    report: ExecutionReport,
+    *,
+    positions: list[int],
+    cases: Mapping[int, str],
+    info: Mapping[str, Any],
+    reasons: Any,
+) -> None:
+    records = keyed.iloc[positions].to_dict("records")
+    rows = [
+        {
+            "idempotency_key": str(record["idempotency_key"]),
+            "playbook": info["playbook"],
+            "playbook_version": info["playbook_version"],
+            "insight": info["insight"],
+            "partition_key": info["partition_key"] or "",
+            "entity_id": str(record["entity_id"]),
+            "rule": str(record["rule"]),
+            "kind": "rule",
+            "reason": reasons[p],
+            "data": entity_data(record),
+            "dedupe_key": cases[p],
+        }
+        for p, record in zip(positions, records, strict=True)
+    ]
+    opened = set(ledger.open_escalations(rows))
+    lost_race = [
+        p for p, r in zip(positions, rows, strict=True) if r["idempotency_key"] not in opened
+    ]
+    elsewhere = ledger.open_cases([cases[p] for p in lost_race]) if lost_race else {}
+    for p, row in zip(positions, rows, strict=True):
+        if row["idempotency_key"] in opened:
+            report.escalated += 1
+            report.note_escalation(reasons[p])
+        else:
+            # Another partition's run opened the same case at the same moment.
+            report.note_still_open(elsewhere.get(cases[p], "?"))

@@ -1,0 +1,89 @@
+"""JSON for what the ledger keeps of a request (its entity data) and of a reply (its output).
+
+The outbox holds each pending action's request data, so a worker can send it from the ledger alone
+(after a crash, or from a later run). Values keep their types across the round trip where JSON has
+none: datetimes, dates, durations and decimals are tagged; NaN and NaT become null, as they would
+when bound to SQL.
+"""
+
+import datetime as dt
+import json
+import math
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+_TAG = "$autoexec"
+MAX_OUTPUT_BYTES = 16_384
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, pd.Timestamp):
+        value = value.to_pydatetime()
+    if isinstance(value, pd.Timedelta):
+        value = value.to_pytimedelta()
+    if isinstance(value, dt.datetime):
+        return {_TAG: "datetime", "v": value.isoformat()}
+    if isinstance(value, dt.date):
+        return {_TAG: "date", "v": value.isoformat()}
+    if isinstance(value, dt.timedelta):
+        return {_TAG: "timedelta", "v": value.total_seconds()}
+    if isinstance(value, Decimal):
+        return {_TAG: "decimal", "v": str(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | np.ndarray):
+        return [_plain(v) for v in value]
+    if isinstance(value, str | int | bool):
+        return value
+    return str(value)
+
+
+def _revive(obj: dict[str, Any]) -> Any:
+    kind = obj.get(_TAG)
+    if kind is None:
+        return obj
+    value = obj["v"]
+    if kind == "datetime":
+        return dt.datetime.fromisoformat(value)
+    if kind == "date":
+        return dt.date.fromisoformat(value)
+    if kind == "timedelta":
+        return dt.timedelta(seconds=value)
+    if kind == "decimal":
+        return Decimal(value)
+    return obj
+
+
+def dumps(data: Mapping[str, Any]) -> str:
+    """Encode a mapping of plan values as JSON text."""
+    return json.dumps(_plain(data), separators=(",", ":"), allow_nan=False)
+
+
+def loads(text: str | None) -> dict[str, Any]:
+    """Decode what :func:`dumps` wrote; None or empty text is an empty mapping."""
+    if not text:
+        return {}
+    return json.loads(text, object_hook=_revive)
+
+
+def bounded_output(output: Mapping[str, Any] | None) -> str | None:
+    """A reply's output as JSON, or a marker when it exceeds :data:`MAX_OUTPUT_BYTES`.
+
+    Later workflow steps read outputs; an unbounded reply would grow the ledger without limit.
+    """
+    if output is None:
+        return None
+    text = dumps(output)
+    if len(text.encode()) <= MAX_OUTPUT_BYTES:
+        return text
+    return dumps({"_truncated": True, "bytes": len(text.encode()), "keys": sorted(output)[:50]})

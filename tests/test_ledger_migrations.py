@@ -1,0 +1,88 @@
+"""Migrating a ledger written by an earlier release, in place (issue 6, defect 1).
+
+``tests/data/ledger_v1.sql`` is a real version-1 ledger, dumped from 0.1.0: one day executed under
+two playbook versions, so every action of that day was sent twice under two keys.
+"""
+
+import sqlite3
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from autoexec_dagster import ActionLedger, execute_plan, route
+from autoexec_dagster.ledger import schema
+from tests.channel_doubles import RecordingChannel
+from tests.conftest import churn_playbook, churn_scores
+
+V1_DUMP = Path(__file__).parent / "data" / "ledger_v1.sql"
+
+
+def _v1_ledger(tmp_path: Path) -> str:
+    path = tmp_path / "ledger.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(V1_DUMP.read_text())
+    return f"sqlite:///{path}"
+
+
+def _edited(playbook):
+    return playbook.model_copy(
+        update={
+            "rules": [
+                playbook.rules[0].model_copy(
+                    update={"when": "churn_score >= 0.7 and lifetime_value >= 9000"}
+                ),
+                *playbook.rules[1:],
+            ]
+        }
+    )
+
+
+def test_a_v1_ledger_migrates_in_place_and_a_rerun_sends_nothing(tmp_path):
+    url = _v1_ledger(tmp_path)
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        before = conn.execute(sa.text("SELECT count(*) FROM autoexec_actions")).scalar_one()
+        sent_before = conn.execute(
+            sa.text("SELECT count(*) FROM autoexec_actions WHERE state = 'succeeded'")
+        ).scalar_one()
+    engine.dispose()
+
+    ledger = ActionLedger(url)
+    assert ledger.schema_version == schema.SCHEMA_VERSION == 2
+    with ledger.engine.connect() as conn:
+        kept = conn.execute(sa.select(sa.func.count()).select_from(schema.actions)).scalar_one()
+        superseded = conn.execute(
+            sa.select(sa.func.count()).select_from(schema.superseded_actions)
+        ).scalar_one()
+    # No record is lost: every version-1 row is kept, or kept aside as superseded.
+    assert kept + superseded == before
+    assert superseded > 0
+
+    first = churn_playbook(max_flagged_fraction=0.9)
+    channels = {"retention_email": RecordingChannel(), "crm_task": RecordingChannel()}
+    scores = churn_scores(200)
+    for playbook, day in (
+        (first, "2026-11-24"),
+        (_edited(first), "2026-11-24"),
+        (first, "2026-11-25"),
+    ):
+        report = execute_plan(
+            route(scores, playbook, partition_key=day),
+            playbook=playbook,
+            ledger=ledger,
+            channels=channels,
+        )
+        assert report.succeeded == 0, (playbook.effective_version, day)
+        assert report.escalated == 0
+    assert sum(sum(ch.delivered.values()) for ch in channels.values()) == 0
+    assert sent_before > 0
+    # Each case is open once: the second day's repeat escalations keep their own keys.
+    queue = ledger.escalations(status=None)
+    assert queue["idempotency_key"].is_unique
+
+
+def test_migrating_twice_is_a_no_op(tmp_path):
+    url = _v1_ledger(tmp_path)
+    ActionLedger(url).dispose()
+    again = ActionLedger(url)
+    assert again.schema_version == 2
