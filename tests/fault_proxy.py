@@ -252,6 +252,7 @@ class FaultProxy:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._transports: set[asyncio.WriteTransport] = set()
         self._started = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="FaultProxy", daemon=True)
@@ -301,6 +302,12 @@ class FaultProxy:
             await self._stop.wait()
         finally:
             server.close()
+            # Dropping the connections ends their handlers (EOF or reset); a handler still
+            # busy after that is cancelled.
+            for transport in list(self._transports):
+                transport.abort()
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=_START_TIMEOUT)
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -317,6 +324,7 @@ class FaultProxy:
             self._connections += 1
             fixed = self._decider.next() if self.plan.scope == "connection" else None
         upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self._transports.add(writer.transport)
         try:
             while True:
                 request = await _read_message(reader)
@@ -346,6 +354,7 @@ class FaultProxy:
                     return
                 if upstream is None:
                     upstream = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+                    self._transports.add(upstream[1].transport)
                 response = await self._forward(upstream, request, record)
                 if response is None:
                     return
@@ -368,8 +377,14 @@ class FaultProxy:
                     return
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             return  # the client went away mid-exchange; its request is recorded as it got
+        except asyncio.CancelledError:
+            # Only the proxy's own shutdown cancels a handler; ending normally keeps asyncio's
+            # server callback from logging the cancellation as an error.
+            return
         finally:
+            self._transports.discard(writer.transport)
             if upstream is not None:
+                self._transports.discard(upstream[1].transport)
                 upstream[1].close()
             with contextlib.suppress(OSError, RuntimeError):
                 writer.close()

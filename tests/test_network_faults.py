@@ -85,6 +85,21 @@ MODES = {
         ),
         timeout_seconds=1.0,
     ),
+    # Faults drawn per connection: a faulted connection's requests all suffer it (a trickle
+    # slows every answer on it; a reset or hang ends it, and its retry opens a fresh one).
+    "per_connection": Mode(
+        "per_connection",
+        FaultPlan(
+            weights={RESET: 0.3, HANG: 0.2, TRICKLE: 0.2},
+            seed=16,
+            scope="connection",
+            trickle_bytes=16,
+            trickle_delay_seconds=0.002,
+        ),
+        timeout_seconds=1.0,
+        # Only new connections draw a fault, and the pool opens few: a handful proves the mode.
+        min_faults=10,
+    ),
 }
 # Destinations that do not heal in time: actions must still end, as failed or escalated.
 HARSH = {
