@@ -122,6 +122,11 @@ def _trial(server: ForkServer, url: str, point: str, index: int, passes: int) ->
             effects = max(receiver.deliveries.values(), default=0)
     finally:
         ledger.dispose()
+    problem = None
+    if lost or delivered != keys or final != {schema.SUCCEEDED: ENTITIES}:
+        problem = f"lost {lost}, final states {final}"
+    elif resent > in_flight or (dedupe and effects > 1):
+        problem = f"{resent} duplicate(s), {in_flight} in flight, {effects} effect(s) per key"
     record(
         "crash_points",
         point=point,
@@ -135,6 +140,7 @@ def _trial(server: ForkServer, url: str, point: str, index: int, passes: int) ->
         duplicate_effects=max(0, effects - 1),
         seen_at_kill=seen_at_kill,
         faults=1,
+        problem=problem,
     )
     assert lost == 0, f"{lost} action(s) never reached the receiver"
     assert delivered == keys, "the receiver saw keys that are not in the plan"
