@@ -4,7 +4,7 @@ Model outputs become completed, recorded work: a playbook routes each flagged en
 action, a person or a holdout; channels execute the actions; the action ledger records all of it.
 """
 
-from autoexec_dagster.channels.base import ActionRequest, Channel
+from autoexec_dagster.channels.base import ActionRequest, Channel, Delivered, Sender
 from autoexec_dagster.channels.email import EmailChannel
 from autoexec_dagster.channels.python import PythonChannel
 from autoexec_dagster.channels.sql import SqlChannel
@@ -35,6 +35,7 @@ __all__ = [
     "AutoexecError",
     "Channel",
     "ChannelConfigError",
+    "Delivered",
     "ChannelError",
     "EmailChannel",
     "ExecutionComponent",
@@ -49,6 +50,7 @@ __all__ = [
     "Progress",
     "PythonChannel",
     "Rule",
+    "Sender",
     "SqlChannel",
     "TransientChannelError",
     "WebhookChannel",
