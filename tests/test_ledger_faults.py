@@ -35,21 +35,6 @@ CAUSES = ("disk I/O error", "injected fault")
 # Stop a sweep after this many hangs: each one costs a full deadline.
 MAX_HANGS = trials(1, 5)
 
-SWEEP_DEFECT = (
-    "issue 6 defect 2: a fault in a batched complete (e.g. n=17, its BEGIN IMMEDIATE) kills the "
-    "flusher task; the run hangs past the deadline with 16 rows left in sending. Faults in "
-    "reserve, recover, claim and the pause checks end the run, but with a raw "
-    "sqlalchemy.exc.OperationalError instead of LedgerError"
-)
-OUTAGE_DEFECT = (
-    "issue 6 defect 2: a persistent ledger outage ends the run with a raw "
-    "sqlalchemy.exc.OperationalError (from the pause check before a claim), not a LedgerError"
-)
-SWALLOWED = (
-    "issue 6 defect 2: the failed {what} task's exception is swallowed by "
-    "gather(return_exceptions=True); the run carries on and finishes 'ok'"
-)
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer]:
@@ -178,7 +163,6 @@ def _record(url: str, n: int, trial: Trial, checked: _Checked, **extra: Any) -> 
     )
 
 
-@pytest.mark.xfail(strict=True, reason=SWEEP_DEFECT)
 @pytest.mark.timeout(trials(120, 3600))
 def test_a_ledger_error_at_any_statement_ends_the_run_and_a_rerun_completes(
     server: ForkServer, ledger_url: str
@@ -210,7 +194,6 @@ def test_a_ledger_error_at_any_statement_ends_the_run_and_a_rerun_completes(
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.xfail(strict=True, reason=OUTAGE_DEFECT)
 @pytest.mark.timeout(120)
 def test_a_persistent_ledger_outage_ends_the_run_with_a_ledger_error(
     server: ForkServer, sqlite_url: str
@@ -262,7 +245,6 @@ def _background_fault(
     return faulted, _Checked(in_flight, lost, resent, 1, problem)
 
 
-@pytest.mark.xfail(strict=True, reason=SWALLOWED.format(what="heartbeat"))
 @pytest.mark.timeout(120)
 def test_a_failed_heartbeat_ends_the_run_with_the_error(
     server: ForkServer, sqlite_url: str
@@ -286,7 +268,6 @@ def test_a_failed_heartbeat_ends_the_run_with_the_error(
     assert checked.problem is None, checked.problem
 
 
-@pytest.mark.xfail(strict=True, reason=SWALLOWED.format(what="kill-switch watcher"))
 @pytest.mark.timeout(120)
 def test_a_failed_kill_switch_poll_ends_the_run_with_the_error(
     server: ForkServer, sqlite_url: str
