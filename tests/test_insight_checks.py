@@ -224,3 +224,21 @@ def test_as_insight_frame_explains_what_it_needs() -> None:
         as_insight_frame({"p1": frame}, insight="x")
     with pytest.raises(InsightValidationError, match="must load as a pandas DataFrame"):
         as_insight_frame([1, 2], insight="x")
+
+
+@pytest.mark.xfail(strict=True, reason="issue 6 defect 4, not fixed yet")
+def test_a_dry_run_playbook_records_no_escalation_when_the_share_check_blocks(
+    tmp_path: Path,
+) -> None:
+    project = make_project(
+        tmp_path, {"p1": mostly_flagged(churn_scores(100))}, playbook=churn_playbook(dry_run=True)
+    )
+    project.materialize_insight("p1")
+
+    result = project.run("p1")
+
+    check = check_results(result)[SHARE]
+    assert not check.passed  # still blocks: the share is implausible in a dry run too
+    assert "escalated" not in check.metadata
+    assert project.ledger.escalations(playbook=PLAYBOOK, status=None).empty
+    assert project.recorder.keys == []
