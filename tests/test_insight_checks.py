@@ -226,7 +226,6 @@ def test_as_insight_frame_explains_what_it_needs() -> None:
         as_insight_frame([1, 2], insight="x")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 6 defect 4, not fixed yet")
 def test_a_dry_run_playbook_records_no_escalation_when_the_share_check_blocks(
     tmp_path: Path,
 ) -> None:

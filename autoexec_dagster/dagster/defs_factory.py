@@ -223,7 +223,9 @@ def build_execution_defs(
         partitions_def=setup.partitions_def,
         flagged_share_blocking=flagged_share_blocking,
         ledger=setup.ledger,
-        dry_run=bool(dry_run),
+        # None defers to the playbook, exactly as the executor decides: a dry-run playbook must
+        # not write a real escalation from its check either.
+        dry_run=book.guardrails.dry_run if dry_run is None else dry_run,
     )
     # The checks are part of the job so that the blocking check runs in the same run as the
     # execution assets: a blocking check only holds back downstream steps of its own run.
