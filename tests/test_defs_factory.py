@@ -222,7 +222,6 @@ def _error_chain(exc: BaseException) -> str:
     return " <- ".join(parts)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 6 defect 10, not fixed yet")
 def test_a_partitioned_insight_given_by_key_alone_fails_when_definitions_load() -> None:
     defs = with_insight(dg.AssetSpec(INSIGHT, partitions_def=DAILY), build(INSIGHT))
 

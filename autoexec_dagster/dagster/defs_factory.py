@@ -22,7 +22,9 @@ channels are closed over by the ops, so merging with a project that binds ``io_m
 
 import os
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
@@ -48,6 +50,71 @@ from autoexec_dagster.ledger.action_ledger import ActionLedger
 from autoexec_dagster.playbook import Playbook
 
 InsightRef = dg.AssetKey | str | Sequence[str] | dg.AssetsDefinition | dg.AssetSpec
+
+
+class InsightPartitionsGuard(dg.AssetSelection):
+    """The execution job's selection, which checks the insight's partitions in the merged graph.
+
+    ``build_execution_defs`` cannot see the project it is merged into, so an insight given as a
+    bare key carries no partitions. Dagster resolves every asset job against the merged asset
+    graph when definitions load (a code server, ``dg check defs``,
+    ``Definitions.validate_loadable``); this selection raises there, with the fix, instead of
+    letting the sensor request partitioned runs that fail at launch with "There is no
+    PartitionsDefinition shared by all the provided assets".
+
+    Args:
+        selection: The selection it stands for.
+        insight_key: The insight asset.
+        partitions_def: The partitions the execution assets were built with.
+    """
+
+    def __init__(
+        self,
+        selection: dg.AssetSelection,
+        *,
+        insight_key: dg.AssetKey,
+        partitions_def: dg.PartitionsDefinition | None,
+    ):
+        self._selection = selection
+        self._insight_key = insight_key
+        self._partitions_def = partitions_def
+
+    def _check(self, asset_graph: Any) -> None:
+        if not asset_graph.has(self._insight_key):
+            return  # defined elsewhere (another code location): nothing to compare with
+        actual = asset_graph.get(self._insight_key).partitions_def
+        expected = self._partitions_def
+        if actual == expected:
+            return
+        name = self._insight_key.to_user_string()
+        if expected is None:
+            raise dg.DagsterInvalidDefinitionError(
+                f"the insight {name!r} is partitioned ({type(actual).__name__}) but "
+                "build_execution_defs was given only its key, so the execution assets are "
+                "unpartitioned and every run the sensor requests would fail at launch; pass "
+                "partitions_def= (the insight's PartitionsDefinition) or the insight's "
+                "AssetsDefinition or AssetSpec as insight="
+            )
+        raise dg.DagsterInvalidDefinitionError(
+            f"the insight {name!r} has partitions {actual!r} but the execution assets were built "
+            f"with {expected!r}; pass the insight's own PartitionsDefinition as partitions_def= "
+            "(or the insight's AssetsDefinition as insight=)"
+        )
+
+    def resolve_inner(self, asset_graph: Any, allow_missing: bool) -> AbstractSet[dg.AssetKey]:
+        """The selected assets, after checking the insight's partitions."""
+        self._check(asset_graph)
+        return self._selection.resolve_inner(asset_graph, allow_missing=allow_missing)
+
+    def resolve_checks_inner(
+        self, asset_graph: Any, allow_missing: bool
+    ) -> AbstractSet[dg.AssetCheckKey]:
+        """The selected checks."""
+        return self._selection.resolve_checks_inner(asset_graph, allow_missing=allow_missing)
+
+    def to_serializable_asset_selection(self, asset_graph: Any) -> dg.AssetSelection:
+        """The plain selection: the guard has done its work once definitions have loaded."""
+        return self._selection.to_serializable_asset_selection(asset_graph)
 
 
 def resolve_insight(insight: InsightRef) -> tuple[dg.AssetKey, dg.PartitionsDefinition | None]:
@@ -231,8 +298,12 @@ def build_execution_defs(
     # execution assets: a blocking check only holds back downstream steps of its own run.
     job = dg.define_asset_job(
         name=f"{book.name}_execution_job",
-        selection=dg.AssetSelection.assets(*execution_asset_keys(book))
-        | dg.AssetSelection.checks(checks),
+        selection=InsightPartitionsGuard(
+            dg.AssetSelection.assets(*execution_asset_keys(book))
+            | dg.AssetSelection.checks(checks),
+            insight_key=insight_key,
+            partitions_def=setup.partitions_def,
+        ),
         executor_def=dg.in_process_executor,
         description=f"Validate, route and execute playbook {book.name!r} on one partition of "
         f"{setup.insight_name}.",
