@@ -8,7 +8,6 @@ when bound to SQL.
 
 import datetime as dt
 import json
-import math
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
@@ -20,13 +19,12 @@ _TAG = "$autoexec"
 MAX_OUTPUT_BYTES = 16_384
 
 
-def _plain(value: Any) -> Any:
+def _tagged(value: Any) -> Any:
+    """What JSON cannot say by itself (json.dumps calls this only for such values)."""
     if isinstance(value, np.generic):
-        value = value.item()
-    if value is None or value is pd.NA or value is pd.NaT:
+        return value.item()
+    if value is pd.NA or value is pd.NaT:
         return None
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
     if isinstance(value, pd.Timestamp):
         value = value.to_pydatetime()
     if isinstance(value, pd.Timedelta):
@@ -39,12 +37,8 @@ def _plain(value: Any) -> Any:
         return {_TAG: "timedelta", "v": value.total_seconds()}
     if isinstance(value, Decimal):
         return {_TAG: "decimal", "v": str(value)}
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | np.ndarray):
-        return [_plain(v) for v in value]
-    if isinstance(value, str | int | bool):
-        return value
+    if isinstance(value, np.ndarray | set | frozenset):
+        return list(value)
     return str(value)
 
 
@@ -65,14 +59,16 @@ def _revive(obj: dict[str, Any]) -> Any:
 
 
 def dumps(data: Mapping[str, Any]) -> str:
-    """Encode a mapping of plan values as JSON text."""
-    return json.dumps(_plain(data), separators=(",", ":"), allow_nan=False)
+    """Encode a mapping of plan values as JSON text (NaN stays NaN, as Python's json reads it)."""
+    return json.dumps(data, default=_tagged, separators=(",", ":"))
 
 
 def loads(text: str | None) -> dict[str, Any]:
     """Decode what :func:`dumps` wrote; None or empty text is an empty mapping."""
     if not text:
         return {}
+    if _TAG not in text:
+        return json.loads(text)  # nothing tagged: skip the per-object hook
     return json.loads(text, object_hook=_revive)
 
 
