@@ -6,7 +6,10 @@ It binds 127.0.0.1 only, prints ``PORT <n>`` once it listens, and stops by itsel
 ``--max-seconds`` or as soon as its parent process goes away.
 
 Run it alone with ``python -m bench.slow_server --port 0``; benchmarks use :class:`SlowServer`,
-which starts it as a separate process and always stops it.
+which starts it as a separate process and always stops it. It stays a process of its own, unlike
+the tests' receivers: in the benchmark's process it would compete for the GIL with the executor it
+measures, and its CPU time (:meth:`SlowServer.cpu_seconds`) could not be told apart. Inside that
+process it is a :class:`resources.local_servers.AiohttpServer` like the other local servers.
 """
 
 import argparse
@@ -15,9 +18,9 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -26,68 +29,67 @@ from typing import Any
 
 from aiohttp import web
 
+from resources.local_servers import AiohttpServer
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _START_TIMEOUT = 30.0
 
 
-class _Counters:
-    """Requests seen and distinct idempotency keys."""
+class _LatencyServer(AiohttpServer):
+    """The destination itself: answers every POST after ``latency`` seconds."""
 
-    def __init__(self) -> None:
+    name = "slow-server"
+    # Thousands of concurrent connections arrive at once when a benchmark starts.
+    backlog = 4096
+
+    def __init__(self, port: int, latency: float) -> None:
+        try:
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+        except ImportError:
+            loop_factory = None
+        super().__init__(port, loop_factory=loop_factory)
+        self.latency = latency
+        # Touched only on the server's own loop, so no lock.
         self.requests = 0
         self.keys: set[str] = set()
 
+    def _handler(self) -> web.Server:
+        # The low-level server: no router, no middlewares, no access log.
+        return web.Server(self._handle, access_log=None)
 
-async def _serve(port: int, latency: float, max_seconds: float) -> None:
-    """Serve until the lifetime ends or the parent process disappears."""
-    counters = _Counters()
-    parent = os.getppid()
-
-    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.method == "GET" and request.path == "/stats":
-            payload = {"requests": counters.requests, "unique_keys": len(counters.keys)}
+            payload = {"requests": self.requests, "unique_keys": len(self.keys)}
             return web.Response(text=json.dumps(payload), content_type="application/json")
         await request.read()
-        counters.requests += 1
+        self.requests += 1
         key = request.headers.get("Idempotency-Key")
         if key:
-            counters.keys.add(key)
-        await asyncio.sleep(latency)
+            self.keys.add(key)
+        # The simulated destination latency this benchmark is about, not a synchronisation.
+        await asyncio.sleep(self.latency)
         return web.Response(text="ok")
-
-    # The low-level server: no router, no middlewares, no access log.
-    server = web.Server(handle, access_log=None)
-    runner = web.ServerRunner(server, handle_signals=False)
-    await runner.setup()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    site = web.SockSite(runner, sock, backlog=4096)
-    await site.start()
-    print(f"PORT {sock.getsockname()[1]}", flush=True)
-    deadline = time.monotonic() + max_seconds
-    try:
-        while time.monotonic() < deadline and os.getppid() == parent:
-            await asyncio.sleep(0.5)
-    finally:
-        await runner.cleanup()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse arguments and serve (with uvloop when it is installed, to stay out of the way)."""
+    """Parse arguments and serve until the lifetime ends, SIGTERM, or the parent goes away."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--port", type=int, default=0, help="0 = any free port")
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--max-seconds", type=float, default=900.0, help="hard lifetime")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    coroutine = _serve(args.port, args.latency_ms / 1000.0, args.max_seconds)
-    try:
-        import uvloop
-
-        uvloop.run(coroutine)
-    except ImportError:
-        asyncio.run(coroutine)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    parent = os.getppid()
+    deadline = time.monotonic() + args.max_seconds
+    with _LatencyServer(args.port, args.latency_ms / 1000.0) as server:
+        print(f"PORT {server.port}", flush=True)
+        # Woken every half second to notice the parent's exit (the process is re-parented).
+        while not stop.wait(0.5):
+            if time.monotonic() >= deadline or os.getppid() != parent or not server.running:
+                break
 
 
 class SlowServer:

@@ -2,15 +2,17 @@
 
 Both stand in for real systems so the churn demo executes real actions without leaving the machine:
 
-- :class:`SmtpSink` accepts mail on 127.0.0.1 and writes each message as an ``.eml`` file into a
-  mailbox folder a person can open. The file is named after the Message-ID, so a redelivered
-  message overwrites its first copy instead of adding a second.
+- :class:`SmtpSink` (from :mod:`resources.local_servers`, shared with the tests) accepts mail on
+  127.0.0.1 and writes each message as an ``.eml`` file into a mailbox folder a person can open.
+  The file is named after the Message-ID, so a redelivered message overwrites its first copy
+  instead of adding a second.
 - :class:`CrmReceiver` accepts ``POST /tasks`` with a JSON body signed the Standard Webhooks way,
+  checks it with the library's :func:`~autoexec_dagster.channels.webhook.verify_signature`,
   refuses a bad signature with 401, creates each task once per ``webhook-id`` and keeps the tasks in
   the SQLite table ``crm_tasks`` a person can query. ``GET /tasks`` returns the count.
 
 Each runs in-process on a daemon thread with its own event loop (``start()``/``stop()`` or a
-``with`` block) and stops with its owner. Both also run as one standalone process::
+``with`` block, see :class:`resources.local_servers.BackgroundServer`) and stops with its owner. Both also run as one standalone process::
 
     CRM_WEBHOOK_SECRET=whsec_... python -m resources.local_receivers \\
         --smtp-port 8025 --crm-port 9000 --mailbox var/mailbox --crm-db var/crm.sqlite
@@ -21,371 +23,34 @@ SIGINT, and stops by itself when the process that started it exits. Port 0 picks
 
 import argparse
 import asyncio
-import atexit
-import base64
-import binascii
 import contextlib
 import datetime as dt
-import email.parser
-import email.policy
-import hashlib
-import hmac
 import json
 import logging
 import os
-import re
 import signal
+import socket
 import sqlite3
 import sys
 import threading
-import time
-from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from aiohttp import web
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
-LOOPBACK = "127.0.0.1"
+from resources.local_servers import (
+    LOOPBACK,
+    AiohttpServer,
+    SmtpSink,
+    mailbox_filename,
+)
+
+__all__ = ["CrmReceiver", "SmtpSink", "mailbox_filename", "main"]
+
 DEFAULT_SECRET_ENV = "CRM_WEBHOOK_SECRET"
 # Standard Webhooks recommends refusing messages whose timestamp is further than this from now.
 DEFAULT_TOLERANCE_SECONDS = 300.0
 
 log = logging.getLogger(__name__)
-
-
-class WebhookVerificationError(Exception):
-    """A webhook request's signature headers are missing, malformed, stale or wrong."""
-
-
-def _secret_bytes(secret: str) -> bytes:
-    """Decode a Standard Webhooks secret: ``whsec_<base64>``, or any other string as UTF-8.
-
-    Raises:
-        ValueError: The secret is empty, or its ``whsec_`` part is not base64.
-    """
-    if secret.startswith("whsec_"):
-        encoded = secret.removeprefix("whsec_")
-        try:
-            # Padding is optional in the wild; accept both forms, as senders do.
-            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
-        except binascii.Error as error:
-            raise ValueError("a whsec_ secret must be base64 after the prefix") from error
-    else:
-        key = secret.encode()
-    if not key:
-        raise ValueError("the webhook secret is empty")
-    return key
-
-
-def sign_webhook(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
-    """Sign a webhook the Standard Webhooks way.
-
-    Args:
-        secret: ``whsec_<base64>`` or a plain string.
-        webhook_id: Value of the ``webhook-id`` header.
-        timestamp: Value of the ``webhook-timestamp`` header, in Unix seconds.
-        body: The exact request body.
-
-    Returns:
-        The ``webhook-signature`` header value, ``v1,<base64 HMAC-SHA256>``.
-    """
-    signed = f"{webhook_id}.{timestamp}.".encode() + body
-    mac = hmac.new(_secret_bytes(secret), signed, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(mac).decode()
-
-
-def verify_webhook(
-    secret: str,
-    headers: Mapping[str, str],
-    body: bytes,
-    *,
-    tolerance_seconds: float = DEFAULT_TOLERANCE_SECONDS,
-    now: float | None = None,
-) -> str:
-    """Verify the Standard Webhooks signature of a request.
-
-    Args:
-        secret: ``whsec_<base64>`` or a plain string.
-        headers: Request headers; lookups must be case-insensitive as in HTTP (aiohttp's are).
-        body: The exact request body.
-        tolerance_seconds: Largest accepted distance between the timestamp and now (replays).
-        now: The current Unix time; the clock when None.
-
-    Returns:
-        The verified ``webhook-id``.
-
-    Raises:
-        WebhookVerificationError: A header is missing or malformed, the timestamp is out of
-            tolerance, or no ``v1`` signature matches.
-    """
-    webhook_id = headers.get("webhook-id")
-    timestamp = headers.get("webhook-timestamp")
-    signatures = headers.get("webhook-signature")
-    if not webhook_id or not timestamp or not signatures:
-        raise WebhookVerificationError("missing webhook-id, webhook-timestamp or webhook-signature")
-    try:
-        sent_at = int(timestamp)
-    except ValueError:
-        raise WebhookVerificationError("webhook-timestamp is not an integer") from None
-    current = time.time() if now is None else now
-    if abs(current - sent_at) > tolerance_seconds:
-        raise WebhookVerificationError("webhook-timestamp is outside the tolerance")
-    expected = sign_webhook(secret, webhook_id, sent_at, body)
-    # The header may carry several space-separated signatures while a secret is being rotated.
-    for candidate in signatures.split():
-        if candidate.startswith("v1,") and hmac.compare_digest(candidate, expected):
-            return webhook_id
-    raise WebhookVerificationError("no matching v1 signature")
-
-
-class _BackgroundServer:
-    """An asyncio server on its own daemon thread, bound to 127.0.0.1.
-
-    Subclasses implement ``_open`` (bind and return the port) and ``_close``.
-    """
-
-    name = "server"
-
-    def __init__(self, port: int = 0) -> None:
-        self._requested_port = port
-        self._port: int | None = None
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._failure: BaseException | None = None
-
-    @property
-    def host(self) -> str:
-        """The address listened on: always the loopback address."""
-        return LOOPBACK
-
-    @property
-    def port(self) -> int:
-        """The bound port (the OS's choice when constructed with port 0).
-
-        Raises:
-            RuntimeError: The server has not been started.
-        """
-        if self._port is None:
-            raise RuntimeError(f"{self.name} is not running")
-        return self._port
-
-    @property
-    def running(self) -> bool:
-        """Whether the server thread is alive and listening."""
-        return self._port is not None and self._thread is not None and self._thread.is_alive()
-
-    def start(self, timeout: float = 10.0) -> Self:
-        """Start listening on a daemon thread; return once the port is bound.
-
-        Args:
-            timeout: Seconds to wait for the server to bind.
-
-        Returns:
-            The server itself, to chain ``SmtpSink(...).start()``.
-
-        Raises:
-            RuntimeError: Already started, or the server did not come up in time.
-            OSError: The port could not be bound (for example, in use).
-        """
-        if self._thread is not None:
-            raise RuntimeError(f"{self.name} is already started")
-        self._ready.clear()
-        self._failure = None
-        self._thread = threading.Thread(target=self._run, name=f"autoexec-{self.name}", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise RuntimeError(f"{self.name} did not start within {timeout} s")
-        if self._failure is not None:
-            self._thread.join(timeout)
-            self._thread = None
-            raise self._failure
-        # A daemon thread is frozen at interpreter exit; stopping first lets files and the
-        # database close cleanly when the owner forgets to.
-        atexit.register(self.stop)
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop listening and wait for the thread to end. Safe to call more than once."""
-        thread, loop, stopping = self._thread, self._loop, self._stopping
-        if thread is None:
-            return
-        atexit.unregister(self.stop)
-        if loop is not None and stopping is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(stopping.set)
-        thread.join(timeout)
-        self._thread = None
-        self._port = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._serve())
-        except BaseException as error:
-            if self._ready.is_set():
-                log.exception("%s failed", self.name)
-            else:
-                # Handed to the thread waiting in start(), which re-raises it.
-                self._failure = error
-        finally:
-            self._ready.set()
-
-    async def _serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
-        try:
-            self._port = await self._open(self._requested_port)
-        except BaseException:
-            # Whatever _open got to (a database, a half-set-up runner) is released here.
-            await self._close()
-            raise
-        log.info("%s listening on %s:%d", self.name, LOOPBACK, self._port)
-        self._ready.set()
-        try:
-            await self._stopping.wait()
-        finally:
-            await self._close()
-            log.info("%s stopped", self.name)
-
-    async def _open(self, port: int) -> int:
-        raise NotImplementedError
-
-    async def _close(self) -> None:
-        raise NotImplementedError
-
-
-_UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._@+=-]")
-
-
-def mailbox_filename(message_id: str | None, content: bytes) -> str:
-    """The mailbox file name of a message: its Message-ID made safe for a file system.
-
-    Args:
-        message_id: The Message-ID header, with or without angle brackets; None when absent.
-        content: The raw message, hashed when there is no Message-ID.
-
-    Returns:
-        A name ending in ``.eml``. Equal Message-IDs give equal names; a short hash of the
-        original is appended whenever characters had to be replaced or cut, so two distinct
-        Message-IDs never share a file.
-    """
-    if not message_id or not message_id.strip("<> \t\r\n"):
-        return "no-message-id-" + hashlib.sha256(content).hexdigest()[:32] + ".eml"
-    raw = message_id.strip().removeprefix("<").removesuffix(">")
-    safe = _UNSAFE_FILENAME.sub("_", raw)[:120].lstrip(".")
-    if safe != raw:
-        safe += "-" + hashlib.sha256(raw.encode()).hexdigest()[:12]
-    return safe + ".eml"
-
-
-class _MailboxHandler:
-    """aiosmtpd handler that writes each accepted message into the mailbox folder."""
-
-    def __init__(self, mailbox: Path) -> None:
-        self.mailbox = mailbox
-        self.lock = threading.Lock()
-        self.deliveries = 0
-        self.redeliveries = 0
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        content = envelope.original_content or envelope.content or b""
-        if isinstance(content, str):
-            content = content.encode()
-        headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(content)
-        path = self.mailbox / mailbox_filename(headers.get("Message-ID"), content)
-        existed = path.exists()
-        # Written aside and renamed: a person opening the folder never sees half a message, and
-        # a redelivery replaces the file in one step.
-        partial = path.with_name(f".{path.name}.{threading.get_ident()}.partial")
-        partial.write_bytes(content)
-        os.replace(partial, path)
-        with self.lock:
-            self.deliveries += 1
-            self.redeliveries += int(existed)
-        return "250 Message accepted for delivery"
-
-
-class SmtpSink(_BackgroundServer):
-    """An SMTP server on 127.0.0.1 that files every message into a mailbox folder.
-
-    Example:
-        >>> with SmtpSink("var/mailbox") as sink:  # doctest: +SKIP
-        ...     smtplib.SMTP(sink.host, sink.port).send_message(message)
-
-    Args:
-        mailbox: Folder the ``.eml`` files go to; created if missing.
-        port: Port to listen on; 0 lets the OS choose (read it back from ``port``).
-    """
-
-    name = "smtp-sink"
-
-    def __init__(self, mailbox: str | os.PathLike[str], port: int = 0) -> None:
-        super().__init__(port)
-        self.mailbox = Path(mailbox)
-        self._handler = _MailboxHandler(self.mailbox)
-        self._server: asyncio.Server | None = None
-        self._sessions: set[SMTP] = set()
-
-    @property
-    def deliveries(self) -> int:
-        """Messages accepted so far, redeliveries included."""
-        with self._handler.lock:
-            return self._handler.deliveries
-
-    @property
-    def redeliveries(self) -> int:
-        """Accepted messages whose Message-ID had been delivered before."""
-        with self._handler.lock:
-            return self._handler.redeliveries
-
-    def messages(self) -> list[Path]:
-        """The ``.eml`` files in the mailbox, one per distinct Message-ID, sorted by name."""
-        return sorted(self.mailbox.glob("*.eml"))
-
-    async def _open(self, port: int) -> int:
-        self.mailbox.mkdir(parents=True, exist_ok=True)
-        loop = asyncio.get_running_loop()
-
-        def new_session() -> SMTP:
-            session = SMTP(
-                self._handler,
-                hostname="localhost",
-                ident="autoexec local SMTP sink",
-                enable_SMTPUTF8=True,
-                loop=loop,
-            )
-            # Closed sessions are dropped here, so a long-running sink does not accumulate them.
-            self._sessions = {s for s in self._sessions if s.transport is not None}
-            self._sessions.add(session)
-            return session
-
-        self._server = await loop.create_server(new_session, host=LOOPBACK, port=port)
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def _close(self) -> None:
-        if self._server is None:
-            return
-        self._server.close()
-        # Clients that keep a connection open would otherwise outlive the server.
-        for session in list(self._sessions):
-            if session.transport is not None:
-                session.transport.close()
-        self._sessions.clear()
-        await self._server.wait_closed()
 
 
 _CRM_SCHEMA = """
@@ -400,8 +65,11 @@ CREATE TABLE IF NOT EXISTS crm_tasks (
 """
 
 
-class CrmReceiver(_BackgroundServer):
+class CrmReceiver(AiohttpServer):
     """An HTTP server on 127.0.0.1 that turns signed webhooks into CRM tasks.
+
+    Not the tests' ``WebhookReceiver``: this one answers as a CRM would and keeps its tasks in
+    SQLite for a person to query; the tests' one keeps every request in memory and injects faults.
 
     ``POST /tasks`` takes a JSON object signed with the Standard Webhooks headers (``webhook-id``,
     ``webhook-timestamp``, ``webhook-signature``). Answers: 201 with the new task's id; 200 with
@@ -432,14 +100,18 @@ class CrmReceiver(_BackgroundServer):
         tolerance_seconds: float = DEFAULT_TOLERANCE_SECONDS,
         latency_seconds: float = 0.0,
     ) -> None:
+        # Imported here, not at the top: the library pulls in Dagster (seconds), which a
+        # standalone receivers process refused for its configuration should not wait for.
+        from autoexec_dagster.channels.webhook import signing_key, verify_signature
+
         super().__init__(port)
-        _secret_bytes(secret)  # a malformed secret fails here, not on the first request
+        signing_key(secret)  # a malformed secret fails here (ValueError), not on each request
         self._secret = secret
+        self._verify = verify_signature
         self.db_path = Path(db_path)
         self.tolerance_seconds = tolerance_seconds
         self.latency_seconds = latency_seconds
         self._db: sqlite3.Connection | None = None
-        self._runner: web.AppRunner | None = None
         self._counts_lock = threading.Lock()
         self._counts = {"created": 0, "duplicates": 0, "rejected": 0}
 
@@ -469,7 +141,13 @@ class CrmReceiver(_BackgroundServer):
         with self._counts_lock:
             self._counts[outcome] += 1
 
-    async def _open(self, port: int) -> int:
+    def _handler(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/tasks", self._create_task)
+        app.router.add_get("/tasks", self._count_tasks)
+        return app
+
+    async def _open(self, sock: socket.socket) -> None:
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.db_path, isolation_level=None)
         # WAL lets a person query the table while tasks arrive.
@@ -477,32 +155,24 @@ class CrmReceiver(_BackgroundServer):
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute(_CRM_SCHEMA)
         self._db = db
-        app = web.Application()
-        app.router.add_post("/tasks", self._create_task)
-        app.router.add_get("/tasks", self._count_tasks)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, LOOPBACK, port)
-        await site.start()
-        return int(self._runner.addresses[0][1])
+        await super()._open(sock)
 
     async def _close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await super()._close()
         if self._db is not None:
             self._db.close()
             self._db = None
 
     async def _create_task(self, request: web.Request) -> web.Response:
         body = await request.read()
-        try:
-            webhook_id = verify_webhook(
-                self._secret, request.headers, body, tolerance_seconds=self.tolerance_seconds
-            )
-        except WebhookVerificationError as error:
+        # One mapping for checking and for reading the id: with a repeated webhook-id header, the
+        # id recorded must be the one the signature covers.
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        if not self._verify(self._secret, headers, body, tolerance_seconds=self.tolerance_seconds):
             self._count("rejected")
-            return web.json_response({"error": str(error)}, status=401)
+            error = "missing, malformed, stale or wrong Standard Webhooks signature"
+            return web.json_response({"error": error}, status=401)
+        webhook_id = headers["webhook-id"]
         try:
             payload = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -618,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
-        smtp = SmtpSink(args.mailbox, port=args.smtp_port)
+        # Only filed: a sink that runs for days must not hold every message in memory too.
+        smtp = SmtpSink(args.mailbox, port=args.smtp_port, keep_messages=False)
         crm = CrmReceiver(
             secret, args.crm_db, port=args.crm_port, latency_seconds=args.crm_latency_ms / 1000
         )

@@ -134,6 +134,6 @@ def test_daemon_sensor_launches_one_run_per_new_partition(tmp_path: Path) -> Non
         assert int(succeeded.get("crm_task", 0)) > 0
         assert not (summary["state"].isin(["failed", "reserved", "sending", "in_doubt"])).any()
         # Each delivered action reached its receiver exactly once.
-        assert sink.deliveries == len(sink.messages()) == int(succeeded["retention_email"])
+        assert sink.deliveries == len(sink.mailbox_files()) == int(succeeded["retention_email"])
         assert crm.task_count() == int(succeeded["crm_task"])
         assert crm.counts["duplicates"] == 0 and crm.counts["rejected"] == 0

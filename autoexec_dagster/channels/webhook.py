@@ -115,6 +115,19 @@ def signing_key(secret: str) -> bytes:
     return secret.encode()
 
 
+def _digest(key: bytes, msg_id: str, timestamp: int | str, body: bytes | str) -> bytes:
+    # The one place the Standard Webhooks MAC is computed: sign(), the channel's sender and
+    # verify_signature() all come here, so they cannot drift apart. The timestamp stays as the
+    # receiver got it (a string), since "0123" and "123" sign differently.
+    raw = body.encode() if isinstance(body, str) else body
+    return hmac.new(key, f"{msg_id}.{timestamp}.".encode() + raw, hashlib.sha256).digest()
+
+
+def sign_with_key(key: bytes, msg_id: str, timestamp: int | str, body: bytes | str) -> str:
+    """:func:`sign` with the key already derived by :func:`signing_key` (once per sender)."""
+    return "v1," + base64.b64encode(_digest(key, msg_id, timestamp, body)).decode()
+
+
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes | str) -> str:
     """The ``webhook-signature`` value (``v1,<base64>``) of one message.
 
@@ -124,9 +137,7 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes | str) -> str:
         timestamp: The ``webhook-timestamp`` in Unix seconds.
         body: The exact request body.
     """
-    raw = body.encode() if isinstance(body, str) else body
-    mac = hmac.new(signing_key(secret), f"{msg_id}.{timestamp}.".encode() + raw, hashlib.sha256)
-    return "v1," + base64.b64encode(mac.digest()).decode()
+    return sign_with_key(signing_key(secret), msg_id, timestamp, body)
 
 
 def verify_signature(
@@ -165,8 +176,7 @@ def verify_signature(
         current = time.time() if now is None else now
         if abs(current - ts) > tolerance_seconds:
             return False
-    raw = body.encode() if isinstance(body, str) else body
-    expected = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + raw, hashlib.sha256).digest()
+    expected = _digest(key, msg_id, timestamp, body)
     for candidate in signatures.split():
         version, _, encoded = candidate.partition(",")
         if version != "v1":
@@ -414,9 +424,8 @@ class _WebhookSender:
         self._session = session
         self._url = url
         self._host = url.host or ""
-        secret = resolve_secret(channel.secret) or ""
-        # hmac.copy() of a keyed object skips re-deriving the key pads on every request.
-        self._mac = hmac.new(signing_key(secret), digestmod=hashlib.sha256)
+        # Derived once: decoding a whsec_ secret costs more than the HMAC itself.
+        self._key = signing_key(resolve_secret(channel.secret) or "")
         self._base_headers = {
             "Content-Type": "application/json",
             **channel.resolved_headers(),
@@ -452,14 +461,11 @@ class _WebhookSender:
         ).encode()
         key = _header_safe(request.idempotency_key)
         timestamp = str(int(time.time()))
-        mac = self._mac.copy()
-        mac.update(f"{key}.{timestamp}.".encode())
-        mac.update(body)
         headers = dict(self._base_headers)
         headers["Idempotency-Key"] = key
         headers["webhook-id"] = key
         headers["webhook-timestamp"] = timestamp
-        headers["webhook-signature"] = "v1," + base64.b64encode(mac.digest()).decode()
+        headers["webhook-signature"] = sign_with_key(self._key, key, timestamp, body)
         try:
             async with self._session.post(
                 self._url, data=body, headers=headers, allow_redirects=False
