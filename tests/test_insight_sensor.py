@@ -20,6 +20,7 @@ from autoexec_dagster.dagster.insight_sensor import (
 )
 from autoexec_dagster.dagster.ledger_resource import LedgerHandle
 from tests.conftest import churn_playbook, churn_scores
+from tests.counting import Counts, counting_io_manager
 from tests.test_execution_assets import (
     INSIGHT,
     JOB,
@@ -319,3 +320,105 @@ def test_the_schedule_of_an_unpartitioned_insight_requests_one_run(
     defs = _scheduled_defs(tmp_path, None)
     data = _evaluate(defs, instance, dt.datetime(2026, 11, 5, 6, tzinfo=dt.UTC))
     assert [r.partition_key for r in data.run_requests or []] == [None]
+
+
+def _loading_sensor_defs(
+    tmp_path: Path, counts: Counts, store: dict[str, Any], **sensor_options: Any
+) -> tuple[dg.Definitions, dg.SensorDefinition, dg.AssetsDefinition]:
+    """Five insight partitions without a flagged count, so the sensor must load each one."""
+    partitions = dg.StaticPartitionsDefinition([f"k{i}" for i in range(5)])
+
+    @dg.asset(name=INSIGHT, partitions_def=partitions, io_manager_key="insight_io")
+    def insight(context: dg.AssetExecutionContext) -> Any:
+        return churn_scores(40, seed=int(context.partition_key[1:]))
+
+    @dg.asset(partitions_def=partitions, deps=[insight])
+    def downstream() -> None: ...
+
+    setup = ExecutionSetup(
+        playbook=churn_playbook(),
+        insight_key=insight.key,
+        partitions_def=partitions,
+        ledger=LedgerHandle(f"sqlite:///{tmp_path / 'ledger.db'}"),
+        channels={},
+    )
+    job = dg.define_asset_job(JOB, selection=dg.AssetSelection.assets(downstream))
+    sensor = build_insight_sensor(setup=setup, job=job, **sensor_options)
+    defs = dg.Definitions(
+        assets=[insight, downstream],
+        jobs=[job],
+        sensors=[sensor],
+        resources={"insight_io": counting_io_manager(counts, store)},
+    )
+    return defs, sensor, insight
+
+
+@pytest.mark.xfail(strict=True, reason="issue 6 defect 8, not fixed yet")
+def test_a_tick_loads_a_bounded_number_of_partitions_with_one_loader(tmp_path: Path) -> None:
+    counts, store = Counts(), {}
+    defs, sensor, insight = _loading_sensor_defs(tmp_path, counts, store, max_loads_per_tick=2)
+    instance = dg.DagsterInstance.ephemeral()
+    for i in range(5):
+        job = defs.resolve_implicit_global_asset_job_def()
+        assert job.execute_in_process(
+            partition_key=f"k{i}", instance=instance, asset_selection=[insight.key]
+        ).success
+    ids = [
+        r.storage_id
+        for r in instance.fetch_materializations(insight.key, limit=10, ascending=True).records
+    ]
+    counts.reset()
+
+    cursor, requested, loaded_per_tick, builds_per_tick = None, [], [], []
+    for _ in range(3):
+        before_loads, before_builds = counts.total_loads, counts.builds
+        data = sensor.evaluate_tick(
+            dg.build_sensor_context(instance=instance, definitions=defs, cursor=cursor)
+        )
+        requested.append([r.partition_key for r in data.run_requests or []])
+        loaded_per_tick.append(counts.total_loads - before_loads)
+        builds_per_tick.append(counts.builds - before_builds)
+        cursor = data.cursor
+
+    assert requested == [["k0", "k1"], ["k2", "k3"], ["k4"]]
+    assert loaded_per_tick == [2, 2, 1]
+    assert builds_per_tick == [1, 1, 1]  # one batched value loader per tick, not one per load
+    assert counts.loads == {f"k{i}": 1 for i in range(5)}
+    assert json.loads(cursor or "")["after_storage_id"] == ids[-1]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 6 defect 8, not fixed yet")
+def test_a_tick_that_runs_out_of_time_advances_its_cursor_over_what_it_finished(
+    tmp_path: Path,
+) -> None:
+    counts, store = Counts(), {}
+    now = [0.0]
+
+    def clock() -> float:
+        # Every reading of the clock is a second later: a slow IO manager, without sleeping.
+        now[0] += 1.0
+        return now[0]
+
+    defs, sensor, insight = _loading_sensor_defs(
+        tmp_path, counts, store, tick_budget_seconds=3.5, clock=clock
+    )
+    instance = dg.DagsterInstance.ephemeral()
+    for i in range(5):
+        job = defs.resolve_implicit_global_asset_job_def()
+        assert job.execute_in_process(
+            partition_key=f"k{i}", instance=instance, asset_selection=[insight.key]
+        ).success
+    ids = [
+        r.storage_id
+        for r in instance.fetch_materializations(insight.key, limit=10, ascending=True).records
+    ]
+
+    first = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs))
+
+    answered = [r.partition_key for r in first.run_requests or []]
+    assert 0 < len(answered) < 5
+    assert json.loads(first.cursor or "")["after_storage_id"] == ids[len(answered) - 1]
+    rest = sensor.evaluate_tick(
+        dg.build_sensor_context(instance=instance, definitions=defs, cursor=first.cursor)
+    )
+    assert (rest.run_requests or [])[0].partition_key == f"k{len(answered)}"
