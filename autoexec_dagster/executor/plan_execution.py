@@ -51,7 +51,7 @@ def execute_plan(
     ledger: ActionLedger,
     channels: Mapping[str, Channel],
     partition_key: str | None = None,
-    insight: str | None = None,
+    insight_name: str | None = None,
     run_id: str | None = None,
     dry_run: bool | None = None,
     lease_seconds: float = 60.0,
@@ -71,7 +71,8 @@ def execute_plan(
         ledger: The action ledger.
         channels: Channel per action name.
         partition_key: The insight partition; defaults to the one given to ``route``.
-        insight: The insight asset key; defaults to the one given to ``route``.
+        insight_name: The insight asset key; defaults to the one given to ``route`` (the same
+            argument name as there).
         run_id: Recorded with each action (the Dagster run id, for lineage).
         dry_run: Record what would be sent and send nothing; defaults to the playbook's guardrail.
         lease_seconds: How long a claim holds without a heartbeat before another worker may
@@ -103,7 +104,7 @@ def execute_plan(
             ledger=ledger,
             channels=channels,
             partition_key=partition_key,
-            insight=insight,
+            insight_name=insight_name,
             run_id=run_id,
             dry_run=dry_run,
             lease_seconds=lease_seconds,
@@ -121,7 +122,7 @@ async def execute_plan_async(
     ledger: ActionLedger,
     channels: Mapping[str, Channel],
     partition_key: str | None = None,
-    insight: str | None = None,
+    insight_name: str | None = None,
     run_id: str | None = None,
     dry_run: bool | None = None,
     lease_seconds: float = 60.0,
@@ -141,7 +142,7 @@ async def execute_plan_async(
         ledger=ledger,
         channels=channels,
         partition_key=partition_key,
-        insight=insight,
+        insight_name=insight_name,
         run_id=run_id,
         dry_run=dry_run,
         log=out,
@@ -179,7 +180,7 @@ def _prepare(
     ledger: ActionLedger,
     channels: Mapping[str, Channel],
     partition_key: str | None,
-    insight: str | None,
+    insight_name: str | None,
     run_id: str | None,
     dry_run: bool | None,
     log: Any,
@@ -187,7 +188,7 @@ def _prepare(
     """Steps 1-4: check, guard, record and recover; returns the report and the keys to send."""
     attrs = plan.attrs.get(PLAN_ATTRS) or {}
     partition = partition_key if partition_key is not None else (attrs.get("partition_key") or "")
-    keyed = rekey(plan, playbook=playbook, partition_key=partition, insight_name=insight)
+    keyed = rekey(plan, playbook=playbook, partition_key=partition, insight_name=insight_name)
     info = keyed.attrs[PLAN_ATTRS]
     dry = playbook.guardrails.dry_run if dry_run is None else dry_run
     report = ExecutionReport(
