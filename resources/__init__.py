@@ -2,7 +2,8 @@
 demo's local destinations.
 
 Everything but the playbook path is imported lazily: ``python -m resources.local_receivers`` must
-neither import its own module twice nor pay for importing Dagster and the library.
+neither import its own module twice nor pay for importing Dagster and the library before its CRM
+receiver needs the library's ``verify_signature``.
 """
 
 from pathlib import Path
