@@ -23,7 +23,7 @@ from autoexec_dagster.errors import PlaybookError
 RuleCallable = Callable[[pd.DataFrame], pd.Series]
 
 # \Z, not $: $ also matches before a trailing newline, which would let "name\n" through.
-_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}\Z")
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}\Z")
 _BACKTICK_RE = re.compile(r"`([^`]+)`")
 
 # Expression nodes a rule may contain: comparisons, boolean logic and arithmetic over columns and
@@ -205,7 +205,7 @@ class Rule(BaseModel):
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
-        if not _NAME_RE.match(value):
+        if not NAME_RE.match(value):
             raise ValueError(
                 f"rule name {value!r} must start with a letter and hold only letters, digits and "
                 "underscores (at most 63 characters)"
@@ -215,7 +215,7 @@ class Rule(BaseModel):
     @field_validator("action")
     @classmethod
     def _check_action(cls, value: str | None) -> str | None:
-        if value is not None and not _NAME_RE.match(value):
+        if value is not None and not NAME_RE.match(value):
             raise ValueError(
                 f"action name {value!r} must start with a letter and hold only letters, digits "
                 "and underscores"

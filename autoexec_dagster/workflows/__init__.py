@@ -1,0 +1,1 @@
+"""Durable multi-step workflows: per-entity steps whose state lives in the ledger."""
