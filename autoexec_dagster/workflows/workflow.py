@@ -17,7 +17,7 @@ from datetime import timedelta
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from autoexec_dagster.errors import PlaybookError
-from autoexec_dagster.playbook import NAME_RE, parse_expression
+from autoexec_dagster.expressions import NAME_RE, parse_expression
 from autoexec_dagster.workflows.durations import Duration, as_timedelta
 
 DEFAULT_POLL_EVERY = timedelta(minutes=1)
