@@ -479,7 +479,6 @@ def test_a_rerun_reports_the_partition_totals_from_the_ledger(tmp_path: Path) ->
     assert "Partition totals (ledger)" in again["summary"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 6 defect 8, not fixed yet")
 def test_one_run_loads_and_routes_the_insight_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -501,7 +500,6 @@ def test_one_run_loads_and_routes_the_insight_once(
     assert current.recorder.keys  # and the plan routed once is the plan executed
 
 
-@pytest.mark.xfail(strict=True, reason="issue 6 defect 8, not fixed yet")
 def test_re_execution_from_the_failed_execute_step_reads_the_stored_plan(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

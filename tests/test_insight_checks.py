@@ -164,7 +164,7 @@ def test_a_reporting_only_flagged_share_check_leaves_the_guardrail_to_the_execut
     assert list(queue["kind"]) == ["guardrail"]
 
 
-def test_without_the_checks_the_validate_op_fails_with_the_same_message(tmp_path: Path) -> None:
+def test_without_the_checks_the_route_op_fails_with_the_same_message(tmp_path: Path) -> None:
     project = make_project(
         tmp_path,
         {"p1": with_duplicate_ids(churn_scores(100))},
@@ -183,7 +183,7 @@ def test_without_the_checks_the_validate_op_fails_with_the_same_message(tmp_path
     assert not result.success
     assert check_results(result) == {}
     failures = step_failures(result)
-    validate = next(v for k, v in failures.items() if k.endswith(f"{PLAYBOOK}_validate"))
+    validate = next(v for k, v in failures.items() if k.endswith(f"{PLAYBOOK}_route"))
     valid, _share = evaluate_insight(project.frames["p1"], project.playbook)
     assert validate == valid.description
     assert project.recorder.keys == []

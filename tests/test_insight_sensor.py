@@ -175,7 +175,7 @@ def test_materializations_are_read_in_pages_in_storage_order(tmp_path: Path) -> 
     assert [r.storage_id for r in limited] == ids[2:5]
 
 
-def test_one_tick_reads_a_bounded_batch_and_the_next_continues() -> None:
+def test_one_tick_reads_a_bounded_batch_and_the_next_continues(tmp_path: Path) -> None:
     instance = dg.DagsterInstance.ephemeral()
     partitions = dg.StaticPartitionsDefinition([f"k{i}" for i in range(5)])
     key = dg.AssetKey(INSIGHT)
@@ -191,7 +191,7 @@ def test_one_tick_reads_a_bounded_batch_and_the_next_continues() -> None:
         playbook=churn_playbook(),
         insight_key=key,
         partitions_def=partitions,
-        ledger=LedgerHandle(None),
+        ledger=LedgerHandle(f"sqlite:///{tmp_path / 'ledger.db'}"),
         channels={},
     )
     job = dg.define_asset_job(JOB, selection=dg.AssetSelection.assets(downstream))
@@ -353,7 +353,6 @@ def _loading_sensor_defs(
     return defs, sensor, insight
 
 
-@pytest.mark.xfail(strict=True, reason="issue 6 defect 8, not fixed yet")
 def test_a_tick_loads_a_bounded_number_of_partitions_with_one_loader(tmp_path: Path) -> None:
     counts, store = Counts(), {}
     defs, sensor, insight = _loading_sensor_defs(tmp_path, counts, store, max_loads_per_tick=2)
@@ -387,7 +386,6 @@ def test_a_tick_loads_a_bounded_number_of_partitions_with_one_loader(tmp_path: P
     assert json.loads(cursor or "")["after_storage_id"] == ids[-1]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 6 defect 8, not fixed yet")
 def test_a_tick_that_runs_out_of_time_advances_its_cursor_over_what_it_finished(
     tmp_path: Path,
 ) -> None:

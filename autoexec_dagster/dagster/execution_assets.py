@@ -2,24 +2,30 @@
 
 ::
 
-    insight ─┬─> validate ──> route ──> execute ──> escalate ──> summarize
-             │                  │          │            │            │
-             └──────────────────┴──────────┘      <pb>/escalations  <pb>/actions
-                             <pb>/plan
+    insight ──> [checks] ──> route ──> execute ──> escalate ──> summarize
+                               │                       │            │
+                           <pb>/plan            <pb>/escalations  <pb>/actions
 
-``validate``, ``route`` and ``execute`` each read the insight partition through the insight
-asset's own IO manager, which must return a pandas DataFrame. Reading it three times instead of
-handing DataFrames from op to op keeps every step restartable in any executor: re-executing a
-run from its failed ``execute`` step (say, after a pause is lifted) reads the insight again
-rather than an intermediate that only lived in the failed process. Routing is deterministic, so
-``execute`` re-derives exactly the plan ``route`` reported.
+One run loads and routes the insight partition once. The blocking checks of the run load it
+through the insight's own IO manager (which must return a pandas DataFrame), validate it and route
+it; they hand the routed plan to the ``route`` op of the same run in process
+(:mod:`~autoexec_dagster.dagster.routed_plans`). Without the checks (a job that leaves them out,
+another executor) ``route`` loads and routes the insight itself, with the validation message of
+the blocking check on bad input.
 
-What the assets store (through the IO manager bound under ``autoexec_<playbook>_io_manager``, a
-``dg.FilesystemIOManager`` in the instance's storage directory): small summaries, never
-per-entity rows. ``<pb>/plan`` stores routing counts, ``<pb>/actions`` the execution report as a
-dict, ``<pb>/escalations`` the open queue counted by kind and reason. Per-entity detail lives in
-the action ledger, and each materialization carries a masked preview of at most 20 rows, so a
-partition costs O(1) Dagster events whatever its size.
+``route`` stores the routed plan as a run output through the IO manager bound under
+``autoexec_<playbook>_io_manager`` (a ``dg.FilesystemIOManager`` in the instance's storage
+directory, which pickles: the plan's provenance in ``DataFrame.attrs`` survives, where parquet
+would drop it and the executor would refuse the plan). That keeps every step restartable:
+re-executing a run from its failed ``execute`` step (say, after a pause is lifted) reads back
+exactly the plan ``route`` reported, without loading or routing the insight again, even in a new
+process. The stored plan holds the insight's columns, like the insight's own stored value.
+
+The assets themselves store small summaries, never per-entity rows: ``<pb>/plan`` stores routing
+counts, ``<pb>/actions`` the execution report as a dict, ``<pb>/escalations`` the open queue
+counted by kind and reason. Per-entity detail lives in the action ledger, and each
+materialization carries a masked preview of at most 20 rows, so a partition costs O(1) Dagster
+events whatever its size.
 """
 
 from collections.abc import Mapping
@@ -41,14 +47,17 @@ from autoexec_dagster.dagster.metadata import (
     plan_metadata,
     plan_summary,
 )
+from autoexec_dagster.dagster.routed_plans import ROUTED_PLANS
 from autoexec_dagster.errors import AutoexecError, InsightValidationError, PlaybookError
 from autoexec_dagster.executor.plan_execution import execute_plan
 from autoexec_dagster.executor.report import ExecutionReport
 from autoexec_dagster.ledger.action_ledger import ActionLedger
 from autoexec_dagster.playbook import Playbook
-from autoexec_dagster.routing import route, validate_insight
+from autoexec_dagster.routing import route
 
 PLAN, ACTIONS, ESCALATIONS = "plan", "actions", "escalations"
+# The routed plan handed from the route step to the execute step (not an asset).
+ROUTED = "routed_plan"
 
 
 class ExecuteFn(Protocol):
@@ -100,7 +109,7 @@ def default_execute(
         ledger=ledger,
         channels=channels,
         partition_key=partition_key,
-        insight=insight,
+        insight_name=insight,
         run_id=context.run_id,
         dry_run=dry_run,
         log=context.log,
@@ -206,55 +215,58 @@ def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
             raise _failure(str(exc)) from None
 
     @dg.op(
-        name=f"{name}_validate",
-        ins={"insight": dg.In(description=f"The insight {insight_name}, as a DataFrame.")},
-        out=dg.Out(dg.Nothing),
-        tags=tags,
-        description="Fail, with the message of the blocking input check, when the insight "
-        "cannot be routed: missing columns, null or duplicate ids, NaN or out-of-range scores.",
-    )
-    def validate(context: dg.OpExecutionContext, insight: Any) -> None:
-        frame = load(insight)
-        try:
-            validate_insight(frame, playbook)
-        except InsightValidationError as exc:
-            raise _failure(str(exc), playbook=name, partition=_partition(context)) from None
-        context.log.info(f"{name}: {len(frame):,} insight row(s) are valid input")
-
-    @dg.op(
         name=f"{name}_route",
-        ins={"insight": dg.In(), "validated": dg.In(dg.Nothing)},
-        out={PLAN: dg.Out(io_manager_key=io_key)},
+        ins={
+            "insight": dg.In(
+                dg.Nothing,
+                description=f"The insight {insight_name}; loaded here only when the run's "
+                "checks did not route it already.",
+            )
+        },
+        out={
+            PLAN: dg.Out(io_manager_key=io_key),
+            ROUTED: dg.Out(
+                io_manager_key=io_key,
+                description="The routed plan, one row per entity, pickled into the run's "
+                "storage (its provenance, DataFrame.attrs, survives) so that a re-execution "
+                "of the execute step reads back exactly the plan this step reported.",
+            ),
+        },
         tags=tags,
-        description="Route every entity: act, escalate, hold out or skip, and why.",
+        description="Validate the insight (the message of the blocking input check on failure) "
+        "and route every entity: act, escalate, hold out or skip, and why. Uses the plan the "
+        "run's checks routed; loads the insight only without them.",
     )
-    def route_op(context: dg.OpExecutionContext, insight: Any) -> dg.Output:
-        plan = routed(load(insight), _partition(context))
-        return dg.Output(
+    def route_op(context: dg.OpExecutionContext):
+        partition = _partition(context)
+        plan = ROUTED_PLANS.take(run_id=context.run_id, playbook=name, partition_key=partition)
+        if plan is None:
+            value = context.load_asset_value(setup.insight_key, partition_key=partition or None)
+            plan = routed(load(value), partition)
+            source = "loaded and routed"
+        else:
+            source = "routed by the run's checks"
+        context.log.info(f"{name} [{partition or '-'}]: {len(plan):,} entities {source}")
+        yield dg.Output(
             plan_summary(plan, playbook),
             output_name=PLAN,
             metadata=plan_metadata(plan, playbook, max_rows=setup.preview_rows),
         )
+        yield dg.Output(plan, output_name=ROUTED)
 
     @dg.op(
         name=f"{name}_execute",
-        ins={"insight": dg.In(), PLAN: dg.In()},
+        ins={ROUTED: dg.In(description="The plan the route step routed.")},
         out=dg.Out(io_manager_key=io_key),
         tags=tags,
         description="Execute the plan through the channels; the ledger makes re-runs send nothing.",
     )
-    def execute(context: dg.OpExecutionContext, insight: Any, plan: dict) -> ExecutionReport:
+    def execute(context: dg.OpExecutionContext, routed_plan: pd.DataFrame) -> ExecutionReport:
         partition = _partition(context)
-        keyed = routed(load(insight), partition)
-        if len(keyed) != plan.get("total"):
-            context.log.warning(
-                f"{name} [{partition}]: the insight changed between routing ({plan.get('total')} "
-                f"rows) and execution ({len(keyed)} rows); executing the current data"
-            )
         try:
             report = setup.execute_fn(
                 context,
-                keyed,
+                routed_plan,
                 playbook=playbook,
                 ledger=ledger(),
                 channels=setup.channels,
@@ -268,8 +280,8 @@ def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
             raise dg.Failure(
                 description=f"{name} [{partition or '-'}]: {report.paused_reason}. "
                 f"{report.pending:,} action(s) were not sent. Lift the pause (`autoexec status`, "
-                "`autoexec resume`), then re-execute this partition: nothing already sent is "
-                "sent again.",
+                "`autoexec resume`): the sensor then requests this partition again, and nothing "
+                "already sent is sent again.",
                 metadata={
                     "paused_reason": report.paused_reason,
                     "pending": report.pending,
@@ -354,9 +366,8 @@ def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
         out={output: dg.GraphOut() for output in (PLAN, ESCALATIONS, ACTIONS)},
     )
     def _execution(insight: Any) -> dict[str, Any]:
-        validated = validate(insight)
-        plan = route_op(insight, validated)
-        report = execute(insight, plan)
+        plan, routed_plan = route_op(insight)
+        report = execute(routed_plan)
         escalations = escalate(report)
         actions = summarize(report, escalations)
         return {PLAN: plan, ESCALATIONS: escalations, ACTIONS: actions}

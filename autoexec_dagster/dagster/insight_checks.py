@@ -30,6 +30,7 @@ import dagster as dg
 import pandas as pd
 
 from autoexec_dagster.dagster.ledger_resource import LedgerHandle
+from autoexec_dagster.dagster.routed_plans import ROUTED_PLANS
 from autoexec_dagster.errors import InsightValidationError, PlaybookError
 from autoexec_dagster.executor.plan_execution import escalate_batch
 from autoexec_dagster.playbook import Playbook
@@ -235,6 +236,23 @@ def evaluate_insight(
     Returns:
         ``(valid_input, flagged_share)`` outcomes.
     """
+    valid, share, _plan = evaluate_and_route(
+        frame, playbook, partition_key=partition_key, insight_name=insight_name
+    )
+    return valid, share
+
+
+def evaluate_and_route(
+    frame: pd.DataFrame,
+    playbook: Playbook,
+    *,
+    partition_key: str = "",
+    insight_name: str | None = None,
+) -> tuple[CheckOutcome, CheckOutcome, pd.DataFrame | None]:
+    """:func:`evaluate_insight`, also returning the plan it routed (None when it could not).
+
+    The check hands that plan to the execution graph of its run, so the insight is routed once.
+    """
     import great_expectations as gx  # ~4 s to import: only when a check actually runs
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -247,6 +265,7 @@ def evaluate_insight(
     flagged: int | None = None
     share_error: str | None = None
     data = frame
+    plan: pd.DataFrame | None = None
     if routable_error is None:
         try:
             plan = route(frame, playbook, partition_key=partition_key, insight_name=insight_name)
@@ -352,7 +371,7 @@ def evaluate_insight(
             ),
             metadata=share_metadata,
         )
-    return valid, share
+    return valid, share, plan if valid.passed else None
 
 
 def build_insight_checks(
@@ -428,17 +447,24 @@ def build_insight_checks(
                     metadata={"failed_expectation": "autoexec_load_dataframe"},
                 )
             return
-        valid, share = evaluate_insight(
+        valid, share, plan = evaluate_and_route(
             frame, playbook, partition_key=partition, insight_name=insight_name
         )
+        if plan is not None and (share.passed or not flagged_share_blocking):
+            # The execution graph of this run needs the same plan: hand it over, not the data.
+            ROUTED_PLANS.put(
+                run_id=context.op_execution_context.run_id,
+                playbook=playbook.name,
+                partition_key=partition,
+                plan=plan,
+            )
         if (
             flagged_share_blocking
-            and valid.passed
+            and plan is not None
             and not share.passed
             and ledger is not None
             and not dry_run
         ):
-            plan = route(frame, playbook, partition_key=partition, insight_name=insight_name)
             opened = escalate_batch(plan, ledger=ledger.get(), reason=share.description)
             share.metadata["escalated"] = True
             context.log.warning(

@@ -19,7 +19,9 @@ blocking checks of that run say what is wrong rather than the partition being sk
 """
 
 import json
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,8 +36,10 @@ from autoexec_dagster.routing import route
 
 FLAGGED_METADATA_KEY = "autoexec/flagged"
 PAGE_SIZE = 500
-# Bounds one tick's work; the cursor lets the next tick continue where this one stopped.
+# Bound one tick's work; the cursor lets the next tick continue where this one stopped.
 MAX_RECORDS_PER_TICK = 1_000
+MAX_LOADS_PER_TICK = 50
+TICK_BUDGET_SECONDS = 30.0
 _CURSOR_VERSION = 1
 
 if TYPE_CHECKING:
@@ -49,17 +53,24 @@ if TYPE_CHECKING:
 class InsightCursor:
     """The sensor's cursor: the last insight materialization it has answered.
 
-    Serialised as JSON, ``{"v": 1, "after_storage_id": 1234}``.
+    Serialised as JSON, ``{"v": 1, "after_storage_id": 1234}``, plus ``"resumed_at"`` once the
+    sensor has answered a lifted pause.
 
     Attributes:
-        after_storage_id: Event-log storage id of the last materialization read; 0 before any.
+        after_storage_id: Event-log storage id of the last materialization answered; 0 before any.
+        resumed_at: POSIX time of the last lift of the kill switch the sensor answered by
+            requesting the partitions the pause interrupted; 0 before any.
     """
 
     after_storage_id: int = 0
+    resumed_at: float = 0.0
 
     def serialize(self) -> str:
         """The cursor as the JSON string Dagster stores."""
-        return json.dumps({"v": _CURSOR_VERSION, "after_storage_id": self.after_storage_id})
+        data: dict[str, Any] = {"v": _CURSOR_VERSION, "after_storage_id": self.after_storage_id}
+        if self.resumed_at:
+            data["resumed_at"] = self.resumed_at
+        return json.dumps(data)
 
     @classmethod
     def parse(cls, raw: str | None) -> "InsightCursor":
@@ -79,14 +90,15 @@ class InsightCursor:
         try:
             data = json.loads(text)
             value = int(data["after_storage_id"])
-        except (ValueError, TypeError, KeyError):
+            resumed_at = float(data.get("resumed_at", 0.0))
+        except (ValueError, TypeError, KeyError, AttributeError):
             raise ValueError(
                 f"the autoexec sensor cursor {raw!r} is not valid; expected "
                 '{"v": 1, "after_storage_id": <int>} or an integer storage id'
             ) from None
         if value < 0:
             raise ValueError(f"the autoexec sensor cursor {raw!r} holds a negative storage id")
-        return cls(value)
+        return cls(value, resumed_at)
 
 
 def flagged_metadata(
@@ -148,16 +160,24 @@ def build_insight_sensor(
     minimum_interval_seconds: int = 30,
     flagged_metadata_key: str = FLAGGED_METADATA_KEY,
     max_records_per_tick: int = MAX_RECORDS_PER_TICK,
+    max_loads_per_tick: int = MAX_LOADS_PER_TICK,
+    tick_budget_seconds: float = TICK_BUDGET_SECONDS,
+    clock: Callable[[], float] = time.monotonic,
 ) -> dg.SensorDefinition:
     """The sensor ``<playbook>_sensor`` that requests the execution job per new insight partition.
 
     Args:
-        setup: The execution setup (playbook and insight).
+        setup: The execution setup (playbook, insight and ledger).
         job: The execution job to request.
         default_status: STOPPED unless the caller opts in: runs reach real destinations.
         minimum_interval_seconds: Least time between two ticks.
         flagged_metadata_key: Materialization metadata key holding the flagged count.
         max_records_per_tick: Most materializations read in one tick.
+        max_loads_per_tick: Most insight partitions loaded in one tick (only partitions whose
+            materialization lacks the flagged count are loaded); the rest wait for the next.
+        tick_budget_seconds: Time after which a tick stops loading and ends with its cursor past
+            what it answered, well inside Dagster's sensor timeout (60 s by default).
+        clock: Monotonic clock measuring the budget (tests pass their own).
 
     Returns:
         The sensor definition.
@@ -166,30 +186,16 @@ def build_insight_sensor(
     insight_key = setup.insight_key
     insight_name = setup.insight_name
 
-    def flagged_by_loading(
-        context: dg.SensorEvaluationContext, partition: str | None
-    ) -> int | None:
-        repository = context.repository_def
-        if repository is None:
-            return None
+    def pause_and_resume(
+        context: dg.SensorEvaluationContext,
+    ) -> tuple[tuple[str, str | None, str | None] | None, Any]:
         try:
-            value = repository.load_asset_value(
-                insight_key, partition_key=partition, instance=context.instance
-            )
-            plan = route(
-                as_insight_frame(value, insight=insight_name),
-                playbook,
-                partition_key=partition or "",
-                insight_name=insight_name,
-            )
-        except Exception as exc:  # any IO manager or data fault: let the run's checks report it
-            context.log.warning(
-                f"{playbook.name}: cannot count flagged entities of {insight_name} "
-                f"[{partition or '-'}] ({type(exc).__name__}: {str(exc)[:300]}); requesting the "
-                "run so its checks report the problem"
-            )
-            return None
-        return int((plan["decision"].astype(str) != "skip").sum())
+            book = setup.ledger.get()
+            return book.pause_state(playbook.name), book
+        except AutoexecError as exc:
+            # The run would fail on the same ledger; let it say so with its own message.
+            context.log.warning(f"{playbook.name}: cannot read the kill switch ({exc})")
+            return None, None
 
     @dg.sensor(
         name=f"{playbook.name}_sensor",
@@ -197,58 +203,148 @@ def build_insight_sensor(
         default_status=default_status,
         minimum_interval_seconds=minimum_interval_seconds,
         description=f"Requests one {job.name} run per new partition of {insight_name} that holds "
-        f"entities playbook {playbook.name!r} flags. Never acts itself.",
+        f"entities playbook {playbook.name!r} flags, and, once a pause is lifted, one per "
+        "partition the pause interrupted. Skips, with who paused and why, while the playbook is "
+        "paused. Never acts itself.",
     )
     def _sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        started = clock()
         cursor = InsightCursor.parse(context.cursor)
+        paused, book = pause_and_resume(context)
         records = fetch_new_materializations(
             context.instance,
             insight_key,
             after_storage_id=cursor.after_storage_id,
             limit=max_records_per_tick,
         )
-        if not records:
-            return dg.SensorResult(
-                skip_reason=f"no new materialization of {insight_name}", cursor=cursor.serialize()
+        if paused is not None:
+            scope, by, reason = paused
+            target = "every playbook" if scope == "*" else f"playbook {scope!r}"
+            waiting = (
+                f"{len(records):,}{'+' if len(records) == max_records_per_tick else ''} new "
+                f"materialization(s) of {insight_name} wait"
+                if records
+                else "no new materialization waits"
             )
+            # The cursor stays put: what arrives during the pause is answered after the resume.
+            return dg.SensorResult(
+                skip_reason=f"{target} is paused by {by or 'unknown'}: {reason or 'no reason'}; "
+                f"{waiting} (`autoexec resume --playbook {playbook.name}` lifts it)",
+                cursor=cursor.serialize(),
+            )
+        requests: list[dg.RunRequest] = []
+        resumed_at = cursor.resumed_at
+        if book is not None:
+            lifted = book.last_resumed_at(playbook.name)
+            stamp = lifted.timestamp() if lifted is not None else 0.0
+            if stamp > cursor.resumed_at:
+                interrupted = book.partitions_with_pending_work(playbook=playbook.name)
+                for partition in interrupted:
+                    requests.append(
+                        dg.RunRequest(
+                            run_key=f"{insight_name}:{partition or '-'}:resumed:{stamp:.6f}",
+                            partition_key=partition or None,
+                            tags={
+                                "autoexec/playbook": playbook.name,
+                                "autoexec/resumed": "true",
+                            },
+                        )
+                    )
+                if interrupted:
+                    context.log.info(
+                        f"{playbook.name}: the pause was lifted; requesting the "
+                        f"{len(interrupted)} partition(s) it interrupted: {_sample(interrupted)}"
+                    )
+                resumed_at = stamp
+        resumed_partitions = {r.partition_key for r in requests}
         latest: dict[str | None, dg.EventLogRecord] = {}
         for record in records:
             # A partition materialized twice since the last tick: answer the newer data only.
             latest.pop(record.partition_key, None)
             latest[record.partition_key] = record
-        requests: list[dg.RunRequest] = []
         empty: list[str] = []
-        for partition, record in latest.items():
-            materialization = record.asset_materialization
-            metadata = materialization.metadata if materialization is not None else {}
-            flagged = _metadata_count(metadata, flagged_metadata_key)
-            if flagged is None:
-                flagged = flagged_by_loading(context, partition)
-            if flagged == 0:
-                empty.append(partition or "-")
-                continue
-            requests.append(
-                dg.RunRequest(
-                    run_key=f"{insight_name}:{partition or '-'}:{record.storage_id}",
-                    partition_key=partition,
-                    tags={
-                        "autoexec/playbook": playbook.name,
-                        "autoexec/insight_storage_id": str(record.storage_id),
-                    },
+        loads = 0
+        finished = cursor.after_storage_id
+        stopped_early = False
+        with ExitStack() as stack:
+            loader: Any = None
+
+            def flagged_by_loading(partition: str | None) -> int | None:
+                nonlocal loader
+                repository = context.repository_def
+                if repository is None:
+                    return None
+                try:
+                    if loader is None:
+                        # One loader per tick builds the IO manager's resources once.
+                        loader = stack.enter_context(
+                            repository.get_asset_value_loader(instance=context.instance)
+                        )
+                    value = loader.load_asset_value(insight_key, partition_key=partition)
+                    plan = route(
+                        as_insight_frame(value, insight=insight_name),
+                        playbook,
+                        partition_key=partition or "",
+                        insight_name=insight_name,
+                    )
+                except Exception as exc:  # any IO manager or data fault: the run's checks report
+                    context.log.warning(
+                        f"{playbook.name}: cannot count flagged entities of {insight_name} "
+                        f"[{partition or '-'}] ({type(exc).__name__}: {str(exc)[:300]}); "
+                        "requesting the run so its checks report the problem"
+                    )
+                    return None
+                return int((plan["decision"].astype(str) != "skip").sum())
+
+            for partition, record in latest.items():
+                materialization = record.asset_materialization
+                metadata = materialization.metadata if materialization is not None else {}
+                flagged = _metadata_count(metadata, flagged_metadata_key)
+                if flagged is None:
+                    over_budget = clock() - started > tick_budget_seconds
+                    if loads and (loads >= max_loads_per_tick or over_budget):
+                        stopped_early = True
+                        break
+                    loads += 1
+                    flagged = flagged_by_loading(partition)
+                finished = record.storage_id
+                if flagged == 0:
+                    empty.append(partition or "-")
+                    continue
+                if partition in resumed_partitions:
+                    continue  # already requested for the lifted pause; one run covers both
+                requests.append(
+                    dg.RunRequest(
+                        run_key=f"{insight_name}:{partition or '-'}:{record.storage_id}",
+                        partition_key=partition,
+                        tags={
+                            "autoexec/playbook": playbook.name,
+                            "autoexec/insight_storage_id": str(record.storage_id),
+                        },
+                    )
                 )
-            )
+        if not stopped_early and records:
+            finished = records[-1].storage_id
         if empty:
             context.log.info(
                 f"{playbook.name}: no flagged entities in {len(empty)} partition(s) of "
                 f"{insight_name}, no run: {_sample(empty)}"
             )
-        next_cursor = InsightCursor(records[-1].storage_id).serialize()
-        if not requests:
-            return dg.SensorResult(
-                skip_reason=f"{len(records)} new materialization(s) of {insight_name}, none with "
-                f"flagged entities ({_sample(empty)})",
-                cursor=next_cursor,
+        if stopped_early:
+            context.log.info(
+                f"{playbook.name}: loaded {loads} partition(s) of {insight_name} in "
+                f"{clock() - started:.1f} s; the rest waits for the next tick"
             )
+        next_cursor = InsightCursor(finished, resumed_at).serialize()
+        if not requests:
+            if not records:
+                reason = f"no new materialization of {insight_name}"
+            else:
+                reason = (
+                    f"{len(records)} new materialization(s) of {insight_name}, none with "
+                    f"flagged entities ({_sample(empty)})"
+                )
+            return dg.SensorResult(skip_reason=reason, cursor=next_cursor)
         return dg.SensorResult(run_requests=requests, cursor=next_cursor)
 
     return _sensor

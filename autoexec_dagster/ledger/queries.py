@@ -5,7 +5,9 @@ its cost does not grow with a partition's size where a caller shows only a previ
 """
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import pandas as pd
 import sqlalchemy as sa
@@ -224,3 +226,228 @@ class LedgerQueries(LedgerBase):
             names = set(conn.execute(sa.select(a.c.playbook).distinct()).scalars())
             names |= set(conn.execute(sa.select(e.c.playbook).distinct()).scalars())
         return sorted(names)
+
+    def partitions_with_pending_work(
+        self, *, playbook: str, partition_keys: Sequence[str] | None = None
+    ) -> list[str]:
+        """Partitions holding actions not yet finished: reserved, sending or in doubt.
+
+        These are what a pause interrupted, or a crash left behind; a new run of such a partition
+        sends them (and nothing already sent).
+
+        Args:
+            playbook: The playbook.
+            partition_keys: Only these partitions (None: every partition).
+
+        Returns:
+            The partition keys, sorted.
+        """
+        t = schema.actions
+        base = (
+            sa.select(t.c.partition_key)
+            .where(t.c.playbook == playbook, t.c.state.in_(list(_PENDING_STATES)))
+            .distinct()
+        )
+        found: set[str] = set()
+        with self._read("list partitions with pending actions") as conn:
+            if partition_keys is None:
+                found.update(str(k) for k in conn.execute(base).scalars())
+            else:
+                for chunk in chunks(list(partition_keys)):
+                    query = base.where(t.c.partition_key.in_(chunk))
+                    found.update(str(k) for k in conn.execute(query).scalars())
+        return sorted(found)
+
+    def recorded_partitions(self, *, playbook: str, partition_keys: Sequence[str]) -> set[str]:
+        """Which of ``partition_keys`` the playbook has executed: any action or escalation row.
+
+        A batch a guardrail blocked holds only its escalation, and counts as executed.
+        """
+        a, e = schema.actions, schema.escalations
+        found: set[str] = set()
+        with self._read("list executed partitions") as conn:
+            for chunk in chunks(list(partition_keys)):
+                for table in (a, e):
+                    query = (
+                        sa.select(table.c.partition_key)
+                        .where(table.c.playbook == playbook, table.c.partition_key.in_(chunk))
+                        .distinct()
+                    )
+                    found.update(str(k) for k in conn.execute(query).scalars())
+        return found
+
+    def last_resumed_at(self, playbook: str) -> datetime | None:
+        """When the kill switch was last lifted for ``playbook`` (its own or the global one)."""
+        t = schema.controls
+        query = sa.select(sa.func.max(t.c.updated_at)).where(
+            t.c.scope.in_(["*", playbook]), t.c.paused.is_(False)
+        )
+        with self._read("read the kill switch") as conn:
+            return conn.execute(query).scalar_one_or_none()
+
+    def partition_outcome(self, *, playbook: str, partition_key: str) -> "PartitionOutcome":
+        """What the ledger holds for one partition, over every run: the numbers people read.
+
+        The Dagster metadata, the ``autoexec summary`` command and the demo all count with this
+        one query, so they agree.
+        """
+        a, e = schema.actions, schema.escalations
+        where = (a.c.playbook == playbook, a.c.partition_key == partition_key)
+        kind = sa.case(
+            (a.c.detail.like(f"{COOLDOWN_DETAIL}%"), "cooldown"),
+            (a.c.detail.like(f"{STILL_OPEN_DETAIL}%"), "still_open"),
+            else_="",
+        )
+        rows_query = (
+            sa.select(a.c.decision, a.c.action, a.c.state, kind.label("kind"), sa.func.count())
+            .where(*where)
+            .group_by(a.c.decision, a.c.action, a.c.state, kind)
+        )
+        still_open_query = (
+            sa.select(a.c.detail, sa.func.count())
+            .where(*where, a.c.detail.like(f"{STILL_OPEN_DETAIL}%"))
+            .group_by(a.c.detail)
+        )
+        cases_query = (
+            sa.select(e.c.kind, e.c.status, sa.func.count())
+            .where(e.c.playbook == playbook, e.c.partition_key == partition_key)
+            .group_by(e.c.kind, e.c.status)
+        )
+        outcome = PartitionOutcome(playbook=playbook, partition_key=partition_key)
+        with self._read("count a partition's outcome") as conn:
+            for decision, action, state, detail_kind, n in conn.execute(rows_query):
+                outcome.add(str(decision), action, str(state), str(detail_kind), int(n))
+            for detail, n in conn.execute(still_open_query):
+                origin = str(detail)[len(STILL_OPEN_DETAIL) :].strip() or "?"
+                outcome.still_open_by_partition[origin] = int(n)
+            for case_kind, status, n in conn.execute(cases_query):
+                if case_kind == "guardrail":
+                    outcome.escalated += int(n)
+                    outcome.blocked = True
+                if status == OPEN:
+                    outcome.open_escalations += int(n)
+        return outcome
+
+
+_PENDING_STATES = (schema.RESERVED, schema.SENDING, schema.IN_DOUBT)
+# How the executor's recording step marks the rows of skipped actions and re-found escalations
+# (autoexec_dagster/executor/recording.py writes these details).
+COOLDOWN_DETAIL = "cooldown:"
+STILL_OPEN_DETAIL = "escalation still open since partition"
+
+
+@dataclass
+class PartitionOutcome:
+    """A partition's totals in the ledger, over every run that executed it.
+
+    Attributes:
+        playbook: The playbook.
+        partition_key: The partition.
+        total: Entities recorded.
+        flagged: Entities a rule acted on, escalated or held out.
+        succeeded: Actions delivered.
+        failed: Actions that failed for good.
+        escalated: Entities escalated to a person for this partition (by a rule, a failed or
+            in-doubt delivery, or the whole batch by a guardrail), not counting those whose
+            escalation is still open from an earlier partition.
+        still_open: Entities whose escalation by the same rule is still open from an earlier
+            partition (not escalated again).
+        still_open_by_partition: ``still_open`` by the partition the escalation was opened in.
+        cooled_down: Actions not repeated because the same action went out recently.
+        held_out: Entities in the control group.
+        skipped: Entities no rule acted on.
+        dry_run: Actions recorded as "would have been sent".
+        pending: Actions reserved, sending or in doubt (not finished).
+        open_escalations: Escalations of this partition still open.
+        blocked: A guardrail escalated the whole batch.
+        by_action: Per action, its outcomes (succeeded, failed, cooldown, held_out, ...).
+    """
+
+    playbook: str
+    partition_key: str
+    total: int = 0
+    flagged: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    escalated: int = 0
+    still_open: int = 0
+    still_open_by_partition: dict[str, int] = field(default_factory=dict)
+    cooled_down: int = 0
+    held_out: int = 0
+    skipped: int = 0
+    dry_run: int = 0
+    pending: int = 0
+    open_escalations: int = 0
+    blocked: bool = False
+    by_action: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add(self, decision: str, action: str | None, state: str, kind: str, n: int) -> None:
+        """Count ``n`` ledger rows of one (decision, action, state, detail kind)."""
+        self.total += n
+        if decision != "skip":
+            self.flagged += n
+        outcome = state
+        if state == schema.DRY_RUN and decision != "act":
+            # A dry run records every decision as "dry_run"; count it by what it would have been.
+            state = {"escalate": schema.ESCALATED, "holdout": schema.HELD_OUT}.get(
+                decision, schema.SKIPPED
+            )
+            outcome = state
+        if state == schema.SUCCEEDED:
+            self.succeeded += n
+        elif state == schema.FAILED:
+            self.failed += n
+        elif state == schema.HELD_OUT:
+            self.held_out += n
+        elif state == schema.DRY_RUN:
+            self.dry_run += n
+        elif state in _PENDING_STATES:
+            self.pending += n
+            outcome = "pending"
+        elif kind == "cooldown":
+            self.cooled_down += n
+            outcome = "cooldown"
+        elif kind == "still_open":
+            self.still_open += n
+        elif state == schema.ESCALATED:
+            self.escalated += n
+        elif state == schema.SKIPPED:
+            self.skipped += n
+        if action and decision in ("act", "holdout"):
+            tally = self.by_action.setdefault(action, {})
+            tally[outcome] = tally.get(outcome, 0) + n
+
+    @property
+    def autonomous(self) -> int:
+        """Flagged entities handled without a person (as ExecutionReport counts them)."""
+        return self.succeeded + self.dry_run + self.cooled_down
+
+    @property
+    def autonomy_rate(self) -> float | None:
+        """Share of flagged entities handled without a person (holdouts and still-open ones
+        excluded, as in ExecutionReport); None before anything was decided."""
+        denominator = self.autonomous + self.escalated + self.failed
+        return None if denominator == 0 else self.autonomous / denominator
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-serialisable)."""
+        return {
+            "playbook": self.playbook,
+            "partition_key": self.partition_key,
+            "total": self.total,
+            "flagged": self.flagged,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "escalated": self.escalated,
+            "still_open": self.still_open,
+            "still_open_by_partition": dict(self.still_open_by_partition),
+            "cooled_down": self.cooled_down,
+            "held_out": self.held_out,
+            "skipped": self.skipped,
+            "dry_run": self.dry_run,
+            "pending": self.pending,
+            "open_escalations": self.open_escalations,
+            "blocked": self.blocked,
+            "autonomy_rate": self.autonomy_rate,
+            "by_action": {k: dict(v) for k, v in self.by_action.items()},
+        }
