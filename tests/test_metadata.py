@@ -7,6 +7,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 
 from autoexec_dagster.dagster.metadata import (
     compact_data,
@@ -197,3 +198,41 @@ def test_preview_copes_with_nullable_and_numpy_values() -> None:
         {"a": None, "b": 2.5, "c": 4},
     ]
     assert isinstance(preview, dg.TableMetadataValue)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 6 defect 9, not fixed yet")
+def test_metadata_reads_the_ledger_without_taking_its_write_lock(tmp_path: Path) -> None:
+    from autoexec_dagster.dagster.metadata import actions_metadata
+    from autoexec_dagster.executor.plan_execution import execute_plan
+    from tests.test_execution_assets import Recorder, recording_channels
+
+    ledger = ActionLedger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    playbook = churn_playbook(max_flagged_fraction=0.9)
+    plan = route(churn_scores(200), playbook, partition_key="p1", insight_name="churn_scores")
+    report = execute_plan(
+        plan,
+        playbook=playbook,
+        ledger=ledger,
+        channels=recording_channels(Recorder()),
+        partition_key="p1",
+        insight_name="churn_scores",
+    )
+    statements: list[str] = []
+
+    def record(_conn, _cursor, statement, *_args) -> None:
+        statements.append(str(statement).strip().upper())
+
+    sa.event.listen(ledger.engine, "before_cursor_execute", record)
+    try:
+        counts = open_escalation_counts(ledger, playbook="churn_outreach", partition_key="p1")
+        summary = escalations_summary(
+            playbook=playbook, partition_key="p1", counts=counts, new_in_run=0
+        )
+        escalations_metadata(summary, ledger=ledger, playbook=playbook)
+        actions_metadata(report, ledger=ledger, playbook=playbook)
+    finally:
+        sa.event.remove(ledger.engine, "before_cursor_execute", record)
+
+    assert statements, "the metadata read nothing from the ledger"
+    writes = [s for s in statements if s.startswith(("BEGIN IMMEDIATE", "INSERT", "UPDATE"))]
+    assert writes == []
