@@ -7,7 +7,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
-import sqlalchemy as sa
+from sqlalchemy import event
 
 from autoexec_dagster.dagster.metadata import (
     compact_data,
@@ -200,7 +200,6 @@ def test_preview_copes_with_nullable_and_numpy_values() -> None:
     assert isinstance(preview, dg.TableMetadataValue)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 6 defect 9, not fixed yet")
 def test_metadata_reads_the_ledger_without_taking_its_write_lock(tmp_path: Path) -> None:
     from autoexec_dagster.dagster.metadata import actions_metadata
     from autoexec_dagster.executor.plan_execution import execute_plan
@@ -222,7 +221,7 @@ def test_metadata_reads_the_ledger_without_taking_its_write_lock(tmp_path: Path)
     def record(_conn, _cursor, statement, *_args) -> None:
         statements.append(str(statement).strip().upper())
 
-    sa.event.listen(ledger.engine, "before_cursor_execute", record)
+    event.listen(ledger.engine, "before_cursor_execute", record)
     try:
         counts = open_escalation_counts(ledger, playbook="churn_outreach", partition_key="p1")
         summary = escalations_summary(
@@ -231,7 +230,7 @@ def test_metadata_reads_the_ledger_without_taking_its_write_lock(tmp_path: Path)
         escalations_metadata(summary, ledger=ledger, playbook=playbook)
         actions_metadata(report, ledger=ledger, playbook=playbook)
     finally:
-        sa.event.remove(ledger.engine, "before_cursor_execute", record)
+        event.remove(ledger.engine, "before_cursor_execute", record)
 
     assert statements, "the metadata read nothing from the ledger"
     writes = [s for s in statements if s.startswith(("BEGIN IMMEDIATE", "INSERT", "UPDATE"))]

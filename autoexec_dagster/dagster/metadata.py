@@ -17,10 +17,8 @@ from typing import Any
 import dagster as dg
 import numpy as np
 import pandas as pd
-import sqlalchemy as sa
 
 from autoexec_dagster.executor.report import ExecutionReport
-from autoexec_dagster.ledger import schema
 from autoexec_dagster.ledger.action_ledger import ActionLedger
 from autoexec_dagster.playbook import Playbook
 from autoexec_dagster.routing import DECISIONS, PLAN_COLUMNS
@@ -32,8 +30,6 @@ _MAX_CELL_CHARS = 80
 _EMAIL_RE = re.compile(r"([^\s@<>()\[\]\"',;:=]+)@([^\s@<>()\[\]\"',;:=]+\.[^\s@<>()\[\]\"',;:=]+)")
 # Preview order: what needs a person first, then what was done.
 _DECISION_ORDER = ("escalate", "act", "holdout")
-# Preview order of action states: what went wrong first.
-_ACTION_STATES = ("failed", "in_doubt", "sending", "reserved", "succeeded", "dry_run")
 
 
 def mask_value(value: Any) -> Any:
@@ -331,35 +327,12 @@ def actions_metadata(
 def action_preview_rows(
     ledger: ActionLedger, *, playbook: str, partition_key: str, limit: int = PREVIEW_ROWS
 ) -> pd.DataFrame:
-    """Up to ``limit`` action rows of a partition, failures first.
+    """Up to ``limit`` action rows of a partition, those needing a person first.
 
-    One small query per state instead of sorting the whole partition, so the preview costs the
-    same for 50 rows and for a million.
+    A read transaction of the ledger (:meth:`~autoexec_dagster.ActionLedger.action_preview`):
+    one small query per state, so the preview costs the same for 50 rows and for a million.
     """
-    t = schema.actions
-    columns = [t.c.entity_id, t.c.action, t.c.state, t.c.attempts, t.c.detail, t.c.error]
-    frames = []
-    remaining = limit
-    with ledger.engine.connect() as conn:
-        for state in _ACTION_STATES:
-            if remaining <= 0:
-                break
-            query = (
-                sa.select(*columns, t.c.updated_at)
-                .where(
-                    t.c.playbook == playbook,
-                    t.c.partition_key == partition_key,
-                    t.c.state == state,
-                )
-                .limit(remaining)
-            )
-            frame = pd.read_sql(query, conn)
-            if len(frame):
-                frames.append(frame)
-                remaining -= len(frame)
-    if not frames:
-        return pd.DataFrame(columns=[c.name for c in columns] + ["updated_at"])
-    return pd.concat(frames, ignore_index=True)
+    return ledger.action_preview(playbook=playbook, partition_key=partition_key, limit=limit)
 
 
 def _entity_is_personal(playbook: Playbook) -> bool:
@@ -372,16 +345,11 @@ def _entity_is_personal(playbook: Playbook) -> bool:
 def open_escalation_counts(
     ledger: ActionLedger, *, playbook: str, partition_key: str
 ) -> list[tuple[str, str, int]]:
-    """Open escalations of one partition, counted by kind and reason, largest first."""
-    t = schema.escalations
-    query = (
-        sa.select(t.c.kind, t.c.reason, sa.func.count().label("n"))
-        .where(t.c.playbook == playbook, t.c.partition_key == partition_key, t.c.status == "open")
-        .group_by(t.c.kind, t.c.reason)
-        .order_by(sa.desc("n"), t.c.kind, t.c.reason)
-    )
-    with ledger.engine.connect() as conn:
-        return [(str(kind), str(reason), int(n)) for kind, reason, n in conn.execute(query)]
+    """Open escalations of one partition, counted by kind and reason, largest first.
+
+    A read transaction of the ledger, which takes no write lock on SQLite.
+    """
+    return ledger.open_escalation_counts(playbook=playbook, partition_key=partition_key)
 
 
 def escalations_frame(
