@@ -9,6 +9,8 @@ from typing import Any
 import dagster as dg
 import pytest
 
+from autoexec_dagster.channels.base import ActionRequest
+from autoexec_dagster.channels.python import PythonChannel
 from autoexec_dagster.dagster.defs_factory import build_execution_defs
 from autoexec_dagster.dagster.execution_assets import ExecutionSetup
 from autoexec_dagster.dagster.insight_sensor import (
@@ -19,6 +21,9 @@ from autoexec_dagster.dagster.insight_sensor import (
     flagged_metadata,
 )
 from autoexec_dagster.dagster.ledger_resource import LedgerHandle
+from autoexec_dagster.executor.plan_execution import execute_plan
+from autoexec_dagster.ledger.action_ledger import ActionLedger
+from autoexec_dagster.routing import route
 from tests.conftest import churn_playbook, churn_scores
 from tests.counting import Counts, counting_io_manager
 from tests.test_execution_assets import (
@@ -420,3 +425,40 @@ def test_a_tick_that_runs_out_of_time_advances_its_cursor_over_what_it_finished(
         dg.build_sensor_context(instance=instance, definitions=defs, cursor=first.cursor)
     )
     assert (rest.run_requests or [])[0].partition_key == f"k{len(answered)}"
+
+
+@pytest.mark.xfail(strict=True, reason="issue 6 defect 1 (schedule), not fixed yet")
+def test_the_schedule_requests_only_partitions_with_work_not_yet_done(
+    tmp_path: Path, instance: dg.DagsterInstance
+) -> None:
+    defs = _scheduled_defs(tmp_path, dg.StaticPartitionsDefinition(["emea", "apac", "na"]))
+    for region in ("emea", "apac", "na"):
+        instance.report_runless_asset_event(dg.AssetMaterialization(INSIGHT, partition=region))
+    ledger = ActionLedger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    playbook = churn_playbook(max_flagged_fraction=0.9)
+
+    def execute(region: str, channels: dict) -> None:
+        plan = route(churn_scores(300), playbook, partition_key=region, insight_name=INSIGHT)
+        execute_plan(
+            plan,
+            playbook=playbook,
+            ledger=ledger,
+            channels=channels,
+            partition_key=region,
+            insight_name=INSIGHT,
+        )
+
+    execute("na", recording_channels(Recorder()))  # done: every action finished
+
+    def pause_on_first(request: ActionRequest) -> str:
+        ledger.pause(PLAYBOOK, reason="CRM maintenance", by="ops")
+        return "sent"
+
+    # Interrupted: the kill switch stops the batch after its first delivery.
+    execute("apac", {a: PythonChannel.from_callable(pause_on_first) for a in playbook.actions})
+    ledger.resume(PLAYBOOK, by="ops")
+    assert ledger.partitions_with_pending_work(playbook=PLAYBOOK) == ["apac"]
+
+    data = _evaluate(defs, instance, dt.datetime(2026, 11, 5, 6, tzinfo=dt.UTC))
+
+    assert [r.partition_key for r in data.run_requests or []] == ["emea", "apac"]
