@@ -427,7 +427,6 @@ def test_a_tick_that_runs_out_of_time_advances_its_cursor_over_what_it_finished(
     assert (rest.run_requests or [])[0].partition_key == f"k{len(answered)}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 6 defect 1 (schedule), not fixed yet")
 def test_the_schedule_requests_only_partitions_with_work_not_yet_done(
     tmp_path: Path, instance: dg.DagsterInstance
 ) -> None:

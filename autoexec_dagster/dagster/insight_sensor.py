@@ -365,10 +365,11 @@ def build_execution_schedule(
 ) -> dg.ScheduleDefinition:
     """A schedule ``<playbook>_schedule`` for batch runs of the execution job.
 
-    At each tick it requests the newest partition for time-window partitions, and every
-    partition otherwise (static or dynamic partitions), in both cases only partitions of the
-    insight that have been materialized. Re-running a finished partition sends nothing, so a
-    batch over all partitions only acts on what is new.
+    At each tick it considers the newest partition for time-window partitions, and every
+    partition otherwise (static or dynamic partitions), and requests those the insight has
+    materialized that still hold work: never executed, or holding actions a pause or a crash
+    left unsent (reserved, sending or in doubt), as the ledger says. A finished partition is not
+    requested again (new data for it is the sensor's to answer).
 
     Args:
         setup: The execution setup (playbook, insight and partitions).
@@ -412,6 +413,17 @@ def build_execution_schedule(
                 f"no materialized partition of {setup.insight_name} to run "
                 f"(wanted {_sample(keys) or 'none'})"
             )
-        return [dg.RunRequest(run_key=f"{name}:{key}:{stamp}", partition_key=key) for key in ready]
+        book = setup.ledger.get()
+        executed = book.recorded_partitions(playbook=playbook.name, partition_keys=ready)
+        pending = set(
+            book.partitions_with_pending_work(playbook=playbook.name, partition_keys=ready)
+        )
+        todo = [k for k in ready if k not in executed or k in pending]
+        if not todo:
+            return dg.SkipReason(
+                f"every materialized partition of {setup.insight_name} is done "
+                f"({_sample(ready)}); nothing to run"
+            )
+        return [dg.RunRequest(run_key=f"{name}:{key}:{stamp}", partition_key=key) for key in todo]
 
     return _schedule
