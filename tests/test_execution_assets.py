@@ -4,6 +4,7 @@ The helpers at the top (a user project with a partitioned insight, a recording d
 shared by the other Dagster integration tests.
 """
 
+import json
 import re
 import threading
 from collections.abc import Mapping
@@ -207,8 +208,8 @@ def test_a_partition_executes_once_and_a_rerun_sends_nothing(tmp_path: Path) -> 
     assert again.success
     assert len(project.recorder.keys) == len(act_keys)  # nothing resent
     actions = materializations(again)[f"{PLAYBOOK}/actions"]
-    assert actions["already_done"] == len(plan)
-    assert actions["succeeded"] == 0
+    assert actions["run_already_done"] == len(plan)
+    assert actions["run_succeeded"] == 0
     assert project.ledger.summary(playbook=PLAYBOOK, partition_key="p2").empty
 
 
@@ -226,18 +227,21 @@ def test_materializations_carry_counts_rates_summary_and_a_masked_preview(tmp_pa
         found[f"{PLAYBOOK}/escalations"],
     )
     expected = project.expected_plan("p1")["decision"].astype(str).value_counts()
-    for decision in ("act", "escalate", "holdout", "skip"):
+    for decision in ("act", "escalate", "skip"):
         assert plan_md[decision] == int(expected.get(decision, 0))
+    assert "holdout" not in plan_md and "workflow" not in plan_md  # impossible: no zero series
     assert plan_md["dagster/row_count"] == 400
     assert isinstance(plan_md["flagged_fraction"], float)
     assert actions_md["succeeded"] == int(expected["act"])
-    assert actions_md["failed"] == 0 and actions_md["retries"] == 0
+    assert actions_md["failed"] == 0 and "run_retries" not in actions_md
     assert actions_md["escalated"] == int(expected["escalate"])
     rate = actions_md["autonomy_rate"]
     assert isinstance(rate, float)
     assert rate == pytest.approx(expected["act"] / (expected["act"] + expected["escalate"]))
-    assert isinstance(actions_md["duration_seconds"], float)
-    assert isinstance(actions_md["throughput_per_second"], float)
+    assert isinstance(actions_md["run_duration_seconds"], float)
+    assert isinstance(actions_md["run_throughput_per_second"], float)
+    # Series that cannot be anything but zero under this playbook are left out of the plots.
+    assert not {"held_out", "cooled_down", "dry_run", "pending"} & set(actions_md)
     assert actions_md["status"] == "completed"
     assert "handled autonomously" in actions_md["summary"]
     assert queue_md["open"] == int(expected["escalate"])
@@ -334,7 +338,7 @@ def test_dry_run_records_what_would_be_sent_and_sends_nothing(tmp_path: Path) ->
     assert project.recorder.keys == []
     plan = project.expected_plan("p1")
     actions = materializations(result)[f"{PLAYBOOK}/actions"]
-    assert actions["dry_run"] == int((plan["decision"] == "act").sum())
+    assert actions["dry_run"] == actions["run_dry_run"] == int((plan["decision"] == "act").sum())
     assert actions["dry_run_mode"] is True
     assert actions["status"] == "dry run completed"
 
@@ -368,7 +372,7 @@ def test_the_assets_store_small_summaries_not_entities(tmp_path: Path) -> None:
 
     plan, actions, queue = load("plan"), load("actions"), load("escalations")
     assert isinstance(plan, dict) and plan["total"] == 150
-    assert set(plan["by_decision"]) == {"act", "escalate", "holdout", "skip"}
+    assert set(plan["by_decision"]) >= {"act", "escalate", "holdout", "skip"}
     assert isinstance(actions, dict) and actions["succeeded"] == len(project.recorder.keys)
     assert isinstance(queue, dict) and queue["open"] == plan["by_decision"]["escalate"]
     assert not FULL_EMAIL.search(repr((plan, actions, queue)))
@@ -441,7 +445,7 @@ def test_failures_and_retries_are_reported_and_failed_actions_escalated(tmp_path
     actions = found[f"{PLAYBOOK}/actions"]
     assert actions["failed"] == rejected
     assert actions["succeeded"] == len(acting) - rejected
-    assert actions["retries"] == len(acting) - rejected
+    assert actions["run_retries"] == len(acting) - rejected
     assert actions["status"] == f"completed with {rejected:,} failed"
     assert "HTTP 422: rejected" in actions["errors"]
     preview = actions["preview"].records
@@ -473,10 +477,16 @@ def test_a_rerun_reports_the_partition_totals_from_the_ledger(tmp_path: Path) ->
 
     again = materializations(project.run("p1"))[f"{PLAYBOOK}/actions"]
 
-    assert again["succeeded"] == 0 and again["already_done"] == 300
-    assert again["partition_succeeded"] == first["succeeded"] > 0
-    assert again["partition_autonomy_rate"] == pytest.approx(first["autonomy_rate"])
-    assert "Partition totals (ledger)" in again["summary"]
+    # The headline entries are the partition's totals, whichever run did the work.
+    for key in ("flagged", "succeeded", "escalated", "failed", "skipped", "autonomy_rate"):
+        assert again[key] == first[key], key
+    assert first["succeeded"] > 0 and 0 < first["autonomy_rate"] < 1
+    assert json.dumps(again["by_action"]) == json.dumps(first["by_action"])
+    # What the re-run itself added is secondary, and named so.
+    assert first["run_succeeded"] == first["succeeded"] and first["run_already_done"] == 0
+    assert again["run_succeeded"] == 0 and again["run_already_done"] == 300
+    assert "0 new actions" in again["summary"]
+    assert f"**{first['succeeded']:,}** handled autonomously" in again["summary"]
 
 
 def test_one_run_loads_and_routes_the_insight_once(
@@ -544,4 +554,24 @@ def test_re_execution_from_the_failed_execute_step_reads_the_stored_plan(
     )
     assert sorted(current.recorder.keys) == sorted(
         plan.loc[plan["decision"] == "act", "idempotency_key"]
+    )
+
+
+def test_each_execution_asset_opens_with_its_own_description(tmp_path: Path) -> None:
+    book = churn_playbook(max_flagged_fraction=0.9).model_copy(
+        update={"description": "Win back customers the churn model flags."}
+    )
+    project = make_project(tmp_path, {"p1": churn_scores(10)}, playbook=book)
+    graph = project.defs.resolve_asset_graph()
+
+    first_lines = {
+        name: (graph.get(dg.AssetKey([PLAYBOOK, name])).description or "").splitlines()[0]
+        for name in ("plan", "escalations", "actions")
+    }
+
+    assert len(set(first_lines.values())) == 3, first_lines
+    assert first_lines["plan"].startswith("Routing decisions")
+    assert all(
+        "Win back customers" in (graph.get(dg.AssetKey([PLAYBOOK, n])).description or "")
+        for n in first_lines
     )

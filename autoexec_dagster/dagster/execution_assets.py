@@ -314,6 +314,9 @@ def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
             new_in_run=report.escalated,
             report=report,
         )
+        summary["still_open"] = book.partition_outcome(
+            playbook=name, partition_key=partition
+        ).still_open
         if summary["open"]:
             context.log.info(
                 f"{name} [{partition or '-'}]: {summary['open']:,} open escalation(s) wait for a "
@@ -350,7 +353,7 @@ def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
         "autoexec/insight": insight_name,
         "autoexec/ledger": setup.ledger.description,
     }
-    describe = (playbook.description + "\n\n") if playbook.description else ""
+    describe = ("\n\nThe playbook: " + playbook.description) if playbook.description else ""
     descriptions = {
         PLAN: f"Routing decisions of playbook {name!r} for each partition of {insight_name}: "
         "counts per decision and rule, and a masked preview of flagged entities. Per-entity rows "
@@ -387,7 +390,8 @@ def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
         },
         partitions_def=setup.partitions_def,
         group_name=setup.group_name,
-        descriptions_by_output_name={o: describe + descriptions[o] for o in outputs},
+        # Each asset's own sentence first: the UI shows the start of a description in lists.
+        descriptions_by_output_name={o: descriptions[o] + describe for o in outputs},
         metadata_by_output_name={o: dict(definition_metadata) for o in outputs},
         tags_by_output_name={o: {**tags, "dagster/kind/autoexec": ""} for o in outputs},
     )

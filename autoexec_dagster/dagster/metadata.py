@@ -20,6 +20,7 @@ import pandas as pd
 
 from autoexec_dagster.executor.report import ExecutionReport
 from autoexec_dagster.ledger.action_ledger import ActionLedger
+from autoexec_dagster.ledger.queries import PartitionOutcome
 from autoexec_dagster.playbook import Playbook
 from autoexec_dagster.routing import DECISIONS, PLAN_COLUMNS
 
@@ -201,6 +202,14 @@ def plan_preview_frame(plan: pd.DataFrame, playbook: Playbook, max_rows: int) ->
     return head.loc[:, ["entity_id", "decision", "rule", "action", "reason", *inputs]]
 
 
+def _can_decide(playbook: Playbook, decision: str) -> bool:
+    if decision == "holdout":
+        return playbook.guardrails.holdout_fraction > 0
+    if decision == "skip":
+        return True
+    return any(rule.decision == decision for rule in playbook.rules)
+
+
 def plan_metadata(
     plan: pd.DataFrame, playbook: Playbook, *, max_rows: int = PREVIEW_ROWS
 ) -> dict[str, Any]:
@@ -227,7 +236,12 @@ def plan_metadata(
         "flagged": flagged,
         "flagged_fraction": float(share),
         "max_flagged_fraction": float(limit),
-        **{decision: summary["by_decision"][decision] for decision in DECISIONS},
+        # A decision the playbook cannot make would only plot a line of zeros.
+        **{
+            decision: summary["by_decision"][decision]
+            for decision in DECISIONS
+            if summary["by_decision"][decision] or _can_decide(playbook, decision)
+        },
         "guardrail": guardrail,
         "playbook_version": str(summary["playbook_version"]),
         "by_rule": dg.MetadataValue.md(_md_table(("rule", "decision", "entities"), rule_rows)),
@@ -288,6 +302,78 @@ def report_metadata(report: ExecutionReport) -> dict[str, Any]:
     return metadata
 
 
+def describe_run(report: ExecutionReport) -> str:
+    """What one run added to its partition, in one sentence."""
+    if report.blocked_reason:
+        return f"blocked by a guardrail, nothing was executed: {report.blocked_reason}"
+    if report.paused_reason:
+        return (
+            f"paused ({report.paused_reason}); {report.succeeded:,} sent before the pause, "
+            f"{report.pending:,} left for the next run"
+        )
+    new = report.succeeded + report.dry_run_actions
+    if not new and not report.escalated and report.already_done:
+        return (
+            f"0 new actions: all {report.already_done:,} entities were already done by an "
+            "earlier run, nothing was sent twice"
+        )
+    verb = "recorded as a dry run" if report.dry_run else "sent"
+    text = f"{new:,} new action(s) {verb}, {report.escalated:,} escalation(s) opened"
+    if report.already_done:
+        text += f", {report.already_done:,} already done before"
+    return text
+
+
+def partition_markdown(
+    outcome: PartitionOutcome, *, playbook: Playbook, report: ExecutionReport | None = None
+) -> str:
+    """The Markdown summary of a partition: its totals over all runs, then what this run did."""
+    rate = outcome.autonomy_rate
+    delivered = ", ".join(
+        f"{tally.get('succeeded', 0) + tally.get('dry_run', 0):,} {action}"
+        for action, tally in sorted(outcome.by_action.items())
+        if tally.get("succeeded", 0) + tally.get("dry_run", 0)
+    )
+    lines = [
+        f"### {playbook.name} · partition `{outcome.partition_key or '-'}` · all runs",
+        "",
+        f"- **{outcome.flagged:,}** of {outcome.total:,} entities flagged",
+        f"- **{outcome.autonomous:,}** handled autonomously"
+        + (f" (autonomy rate **{rate:.1%}**)" if rate is not None else "")
+        + (f": {delivered}" if delivered else ""),
+    ]
+    if outcome.cooled_down:
+        days = playbook.guardrails.cooldown_days
+        lines.append(
+            f"  - {outcome.cooled_down:,} of them not repeated (cooldown: the same action was "
+            f"delivered to them{f' within {days:g} day(s)' if days else ' recently'})"
+        )
+    lines.append(
+        f"- **{outcome.escalated:,}** escalated to a person ({outcome.open_escalations:,} still "
+        "open)"
+    )
+    if outcome.still_open:
+        origins = ", ".join(
+            f"{n:,} from `{p}`" for p, n in sorted(outcome.still_open_by_partition.items())
+        )
+        lines.append(
+            f"- {outcome.still_open:,} already waiting for a person from an earlier partition "
+            f"({origins}): not escalated again"
+        )
+    lines.append(
+        f"- {outcome.held_out:,} held out as control group, {outcome.skipped:,} skipped "
+        "(no rule matched)"
+    )
+    lines.append(
+        f"- {outcome.failed:,} failed"
+        + (f", {outcome.pending:,} pending (not sent yet)" if outcome.pending else "")
+    )
+    if report is not None:
+        lines += ["", f"**This run:** {describe_run(report)}.", "", "<details>", ""]
+        lines += [report.summary_markdown().replace("### ", "#### This run: ", 1), "", "</details>"]
+    return "\n".join(lines)
+
+
 def actions_metadata(
     report: ExecutionReport,
     *,
@@ -295,24 +381,77 @@ def actions_metadata(
     playbook: Playbook,
     max_rows: int = PREVIEW_ROWS,
 ) -> dict[str, Any]:
-    """Materialization metadata of ``<playbook>/actions``: the report plus a ledger preview."""
-    metadata = report_metadata(report)
+    """Materialization metadata of ``<playbook>/actions``.
+
+    The headline entries (``flagged``, ``succeeded``, ``escalated``, ``autonomy_rate``, ...) are
+    the partition's totals in the ledger, over every run: a re-run that sends nothing must not
+    plot a busy day as zero. What this run added is secondary and named so (``run_succeeded``,
+    ``run_already_done``, ``run_duration_seconds``, ...). Counts that are zero and cannot occur
+    under this playbook (held out without a holdout, cooled down without a cooldown, ...) are
+    left out, so their always-zero series do not crowd the plots.
+    """
+    outcome = ledger.partition_outcome(playbook=playbook.name, partition_key=report.partition_key)
+    guardrails = playbook.guardrails
+    metadata: dict[str, Any] = {
+        "total": outcome.total,
+        "flagged": outcome.flagged,
+        "succeeded": outcome.succeeded,
+        "escalated": outcome.escalated,
+        "failed": outcome.failed,
+    }
+    optional = {
+        "still_open": (outcome.still_open, False),
+        "cooled_down": (outcome.cooled_down, bool(guardrails.cooldown_days)),
+        "held_out": (outcome.held_out, guardrails.holdout_fraction > 0),
+        "dry_run": (outcome.dry_run, report.dry_run),
+        "pending": (outcome.pending, False),
+        "skipped": (outcome.skipped, False),
+    }
+    for key, (value, relevant) in optional.items():
+        if value or relevant:
+            metadata[key] = int(value)
+    rate = outcome.autonomy_rate
+    if rate is not None:
+        metadata["autonomy_rate"] = float(rate)
+    metadata["status"] = report_status(report)
+    if report.blocked_reason or outcome.blocked:
+        metadata["blocked"] = True
+    if report.blocked_reason:
+        metadata["blocked_reason"] = report.blocked_reason
+    if report.paused_reason:
+        metadata["paused_reason"] = report.paused_reason
+    if outcome.by_action:
+        metadata["by_action"] = dg.MetadataValue.json(outcome.by_action)
+    if outcome.still_open_by_partition:
+        metadata["still_open_by_partition"] = dg.MetadataValue.json(outcome.still_open_by_partition)
+    # This run, named so. The first two say whether the run added anything; the rest only when
+    # they happened.
+    metadata["run_succeeded"] = int(report.succeeded)
+    metadata["run_already_done"] = int(report.already_done)
+    for key, value in (
+        ("run_failed", report.failed),
+        ("run_escalated", report.escalated),
+        ("run_cooled_down", report.cooled_down),
+        ("run_dry_run", report.dry_run_actions),
+        ("run_pending", report.pending),
+        ("run_retries", report.retries),
+        ("run_in_doubt_recovered", report.in_doubt_recovered),
+    ):
+        if value:
+            metadata[key] = int(value)
+    metadata["run_duration_seconds"] = float(report.duration_seconds)
+    metadata["run_throughput_per_second"] = float(report.throughput)
+    if report.dry_run:
+        metadata["dry_run_mode"] = True
+    metadata["summary"] = dg.MetadataValue.md(
+        mask_emails(partition_markdown(outcome, playbook=playbook, report=report))
+    )
+    if report.errors:
+        metadata["errors"] = dg.MetadataValue.md(
+            "\n".join(f"- `{mask_emails(e)}`" for e in report.errors[:10])
+        )
     metadata["playbook_version"] = report.playbook_version
     metadata["ledger"] = ledger.display_url
-    # A re-run of a finished partition sends nothing; the partition's totals from the ledger keep
-    # the latest materialization telling what the partition achieved, not just what this run did.
-    totals = ledger.state_counts(playbook=playbook.name, partition_key=report.partition_key)
-    done, people = totals.get("succeeded", 0), totals.get("escalated", 0) + totals.get("failed", 0)
-    metadata["partition_totals"] = dg.MetadataValue.json(totals)
-    metadata["partition_succeeded"] = done
-    metadata["partition_escalated_or_failed"] = people
-    if done + people:
-        metadata["partition_autonomy_rate"] = done / (done + people)
-        if report.already_done and not (report.succeeded or report.failed or report.escalated):
-            metadata["summary"] = dg.MetadataValue.md(
-                f"{metadata['summary'].value}\n\n**Partition totals (ledger):** {done:,} "
-                f"delivered, {people:,} with a person; autonomy rate {done / (done + people):.1%}."
-            )
     rows = action_preview_rows(
         ledger, playbook=playbook.name, partition_key=report.partition_key, limit=max_rows
     )
@@ -460,11 +599,19 @@ def escalations_metadata(
                 [(r["kind"], r["reason"], r["open"]) for r in summary["top_reasons"]],
             ),
         ]
+    still_open = int(summary.get("still_open") or 0)
+    if still_open:
+        lines += [
+            "",
+            f"{still_open:,} more entities of this partition wait on an escalation still open "
+            "from an earlier partition (not escalated again).",
+        ]
     lines += ["", f"Review and resolve them with `{command}`."]
     metadata: dict[str, Any] = {
         "open": int(summary["open"]),
-        "new_in_run": int(summary["new_in_run"]),
+        "run_opened": int(summary["new_in_run"]),
         **{f"open_{kind}": int(n) for kind, n in sorted(summary["by_kind"].items())},
+        **({"still_open": int(summary["still_open"])} if summary.get("still_open") else {}),
         "summary": dg.MetadataValue.md(mask_emails("\n".join(lines))),
         "review_with": command,
         "preview": table_preview(preview, personal_columns=(), max_rows=max_rows),
