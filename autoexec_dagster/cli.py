@@ -15,6 +15,7 @@ Errors are printed without a traceback and exit with status 2.
 """
 
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,8 +36,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # The playbook's default personal columns; the CLI does not know each playbook's own list.
 DEFAULT_PERSONAL_COLUMNS: tuple[str, ...] = tuple(Playbook.model_fields["personal_columns"].default)
-_AUTONOMOUS_STATES = ("succeeded", "dry_run")
-_HUMAN_STATES = ("escalated", "failed")
 
 
 def _fail(message: str) -> NoReturn:
@@ -105,7 +104,12 @@ def cli() -> None:
 @click.option("--playbook", "-p", default=None, help="Only this playbook.")
 @click.option("--partition", "-k", default=None, help="Only this insight partition.")
 def summary(ledger_url: str | None, playbook: str | None, partition: str | None) -> None:
-    """Counts per decision, action and state, and the autonomy rate."""
+    """Counts per decision, action and state, and the autonomy rate.
+
+    The totals are counted like the Dagster metadata of ``<playbook>/actions`` (one ledger
+    query), so both say the same: flagged, acted autonomously, cooled down, escalated, still
+    open from an earlier partition, held out, skipped, failed.
+    """
     ledger = _open(ledger_url)
     counts = ledger.summary(playbook=playbook, partition_key=partition)
     queue = ledger.escalations(playbook=playbook, partition_key=partition, status="open")
@@ -114,20 +118,77 @@ def summary(ledger_url: str | None, playbook: str | None, partition: str | None)
         return
     counts = counts.assign(action=counts["action"].fillna("-"))
     click.echo(_table(counts))
-    by_state = counts.groupby("state")["count"].sum()
-    acted = counts[counts["decision"] == "act"].groupby("state")["count"].sum()
-    autonomous = int(sum(acted.get(s, 0) for s in _AUTONOMOUS_STATES))
-    human = int(sum(by_state.get(s, 0) for s in _HUMAN_STATES))
-    flagged = autonomous + human
+    scopes = sorted(
+        {(str(p), str(k)) for p, k in zip(counts["playbook"], counts["partition_key"], strict=True)}
+    )
+    outcomes = [ledger.partition_outcome(playbook=p, partition_key=k) for p, k in scopes]
+    total = _sum_outcomes(outcomes)
     click.echo("")
-    if flagged:
+    click.echo(_count_line("flagged", total["flagged"]))
+    delivered = ", ".join(f"{n:,} {a}" for a, n in sorted(total["delivered"].items()) if n)
+    click.echo(
+        _count_line(
+            "acted autonomously", total["autonomous"], f"({delivered})" if delivered else ""
+        )
+    )
+    if total["cooled_down"]:
         click.echo(
-            f"Autonomy rate: {autonomous / flagged:.1%} ({autonomous:,} of {flagged:,} flagged "
-            "entities handled without a person; holdouts excluded)"
+            _count_line(
+                "  of which cooled down",
+                total["cooled_down"],
+                "(not repeated: the same action was delivered recently, within the playbook's "
+                "cooldown_days)",
+            )
+        )
+    click.echo(_count_line("escalated to a person", total["escalated"]))
+    if total["still_open"]:
+        origins = ", ".join(f"{n:,} from {k}" for k, n in sorted(total["still_open_by"].items()))
+        click.echo(
+            _count_line(
+                "still open from earlier", total["still_open"], f"(not escalated again: {origins})"
+            )
+        )
+    for label, key in (
+        ("held out (control group)", "held_out"),
+        ("skipped (no rule matched)", "skipped"),
+        ("failed", "failed"),
+        ("dry run", "dry_run"),
+        ("pending (not sent yet)", "pending"),
+    ):
+        if total[key] or key in ("held_out", "skipped", "failed"):
+            click.echo(_count_line(label, total[key]))
+    decided = total["autonomous"] + total["escalated"] + total["failed"]
+    click.echo("")
+    if decided:
+        click.echo(
+            f"Autonomy rate: {total['autonomous'] / decided:.1%} ({total['autonomous']:,} of "
+            f"{decided:,} flagged entities handled without a person; holdouts and entities "
+            "still open from an earlier partition excluded)"
         )
     else:
         click.echo("Autonomy rate: n/a (nothing flagged yet)")
     click.echo(f"Open escalations: {len(queue):,}")
+
+
+def _count_line(label: str, value: int, note: str = "") -> str:
+    return f"  {label:<28}{value:>8,}" + (f"  {note}" if note else "")
+
+
+def _sum_outcomes(outcomes: Sequence[Any]) -> dict[str, Any]:
+    keys = ("flagged", "autonomous", "cooled_down", "escalated", "still_open", "held_out")
+    keys += ("skipped", "failed", "dry_run", "pending")
+    total: dict[str, Any] = {k: sum(int(getattr(o, k)) for o in outcomes) for k in keys}
+    delivered: dict[str, int] = {}
+    still_open_by: dict[str, int] = {}
+    for outcome in outcomes:
+        for action, tally in outcome.by_action.items():
+            n = tally.get("succeeded", 0) + tally.get("dry_run", 0)
+            delivered[action] = delivered.get(action, 0) + n
+        for origin, n in outcome.still_open_by_partition.items():
+            still_open_by[origin] = still_open_by.get(origin, 0) + n
+    total["delivered"] = delivered
+    total["still_open_by"] = still_open_by
+    return total
 
 
 def _scope(playbook: str | None, partition: str | None) -> str:
@@ -246,9 +307,71 @@ def resolve(ledger_url: str | None, key: str, by: str, note: str) -> None:
     """Close the open escalation KEY (its full key, or a unique prefix of 6+ characters)."""
     ledger = _open(ledger_url)
     full = _match_key(ledger, key)
+    queue = ledger.escalations(status="open")
+    row = queue[queue["idempotency_key"].astype(str) == full]
     if not ledger.resolve_escalation(full, by=by, resolution=note):
         _fail(f"no open escalation with key {full!r} (already resolved, or a typo?)")
     click.echo(f"Resolved {full} (by {by}).")
+    if not row.empty:
+        click.echo(
+            observe_escalations(
+                ledger,
+                playbook=str(row["playbook"].iloc[0]),
+                partition_key=str(row["partition_key"].iloc[0]),
+                by=by,
+            )
+        )
+
+
+def observe_escalations(ledger: ActionLedger, *, playbook: str, partition_key: str, by: str) -> str:
+    """Record the partition's current queue on the Dagster instance, as a runless observation.
+
+    The ``<playbook>/escalations`` asset was materialized by the last run; once a person works
+    the queue outside a run, that materialization is stale. An ``AssetObservation`` with the
+    open counts makes the UI show the queue as it is now.
+
+    Args:
+        ledger: The action ledger.
+        playbook: The playbook whose queue changed.
+        partition_key: The partition ("" when unpartitioned).
+        by: Who changed it.
+
+    Returns:
+        One line for the person: what was recorded, or why nothing was.
+    """
+    if not os.environ.get("DAGSTER_HOME", "").strip():
+        return (
+            "DAGSTER_HOME is not set, so the Dagster UI was not told: its "
+            f"{playbook}/escalations asset shows the queue of the last run until the next one "
+            "(set DAGSTER_HOME to the instance folder, e.g. .dagster_home, to update it now)."
+        )
+    import dagster as dg
+
+    counts = ledger.open_escalation_counts(playbook=playbook, partition_key=partition_key)
+    by_kind: dict[str, int] = {}
+    for kind, _reason, n in counts:
+        by_kind[kind] = by_kind.get(kind, 0) + n
+    open_now = sum(by_kind.values())
+    metadata: dict[str, Any] = {
+        "open": open_now,
+        **{f"open_{kind}": n for kind, n in sorted(by_kind.items())},
+        "changed_by": by,
+        "source": "autoexec resolve",
+    }
+    try:
+        with dg.DagsterInstance.get() as instance:
+            instance.report_runless_asset_event(
+                dg.AssetObservation(
+                    asset_key=dg.AssetKey([playbook, "escalations"]),
+                    partition=partition_key or None,
+                    metadata=metadata,
+                    description=f"{open_now:,} escalation(s) open after {by} resolved one",
+                )
+            )
+    except Exception as exc:  # the ledger is the record; the UI note is a courtesy
+        return f"The Dagster instance could not be updated ({type(exc).__name__}: {exc})."
+    where = f"{playbook}/escalations" + (f" [{partition_key}]" if partition_key else "")
+    return f"Dagster UI: {where} now shows {open_now:,} open (recorded as an observation)."
 
 
 @cli.command()
@@ -259,6 +382,15 @@ def resolve(ledger_url: str | None, key: str, by: str, note: str) -> None:
 def pause(ledger_url: str | None, playbook: str | None, reason: str, by: str) -> None:
     """Stop a playbook (or every playbook) before its next action."""
     ledger = _open(ledger_url, must_exist=False)
+    if playbook is not None:
+        known = ledger.known_playbooks()
+        if playbook not in known:
+            # A typo would otherwise "pause" a name no run checks, and the real playbook runs on.
+            _fail(
+                f"the ledger has never seen playbook {playbook!r}, so pausing it would stop "
+                f"nothing; known playbooks: {', '.join(known) or 'none yet'} (omit --playbook "
+                "to pause every playbook)"
+            )
     ledger.pause(playbook or "*", reason=reason, by=by)
     target = f"playbook {playbook!r}" if playbook else "every playbook"
     click.echo(
@@ -279,11 +411,16 @@ def resume(ledger_url: str | None, playbook: str | None, by: str) -> None:
     if paused.empty:
         _fail(
             f"{'playbook ' + repr(playbook) if playbook else 'the global switch'} is not paused"
-            + _still_paused(controls, scope)
+            + (f"; still paused: {still}" if (still := _still_paused(controls, scope)) else "")
         )
     ledger.resume(scope, by=by)
     target = f"playbook {playbook!r}" if playbook else "every playbook"
-    click.echo(f"Resumed {target} (by {by})." + _still_paused(ledger.controls(), None))
+    still = _still_paused(ledger.controls(), None)
+    click.echo(
+        f"Resumed {target} (by {by})."
+        + (f" Still paused: {still}." if still else "")
+        + " Partitions the pause interrupted are requested again by the sensor."
+    )
 
 
 def _still_paused(controls: pd.DataFrame, exclude: str | None) -> str:
@@ -294,8 +431,7 @@ def _still_paused(controls: pd.DataFrame, exclude: str | None) -> str:
     ]
     if not active:
         return ""
-    names = ", ".join("every playbook (*)" if s == "*" else repr(s) for s in active)
-    return f"; still paused: {names}"
+    return ", ".join("every playbook (*)" if s == "*" else repr(s) for s in active)
 
 
 @cli.command()

@@ -1,5 +1,6 @@
 """The ``autoexec`` command line against a real SQLite ledger."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -106,7 +107,10 @@ def test_pause_status_and_resume(ledger_url: str) -> None:
     run("pause", "--ledger", ledger_url, "--reason", "freeze", "--by", "cto")
     resumed = run("resume", "--ledger", ledger_url, "-p", PLAYBOOK, "--by", "ops")
     assert resumed.exit_code == 0
-    assert "still paused: every playbook (*)" in resumed.output
+    assert resumed.output.startswith(
+        f"Resumed playbook {PLAYBOOK!r} (by ops). Still paused: every playbook (*). "
+    )
+    assert ".;" not in resumed.output
     assert (
         ActionLedger(ledger_url).pause_reason(PLAYBOOK) == "every playbook is paused by cto: freeze"
     )
@@ -139,3 +143,77 @@ def test_pause_may_create_a_new_ledger(tmp_path: Path) -> None:
     result = run("pause", "--ledger", url, "--reason", "not yet", "--by", "ops")
     assert result.exit_code == 0
     assert ActionLedger(url).pause_reason("anything") == "every playbook is paused by ops: not yet"
+
+
+def test_pause_of_a_playbook_the_ledger_never_saw_is_refused(ledger_url: str) -> None:
+    typo = run("pause", "--ledger", ledger_url, "-p", "churn_outreac", "--reason", "x", "--by", "o")
+
+    assert typo.exit_code == 2
+    assert "never seen playbook 'churn_outreac'" in typo.output
+    assert f"known playbooks: {PLAYBOOK}" in typo.output
+    assert ActionLedger(ledger_url).controls().empty
+
+
+def test_resolve_records_the_current_queue_on_the_dagster_instance(
+    ledger_url: str, tmp_path: Path
+) -> None:
+    import dagster as dg
+
+    ledger = ActionLedger(ledger_url)
+    before = len(ledger.escalations(playbook=PLAYBOOK, partition_key="p1"))
+    key = str(ledger.escalations(playbook=PLAYBOOK)["idempotency_key"].iloc[0])
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+
+    result = run(
+        "resolve", key, "--ledger", ledger_url, "--by", "ana", env={"DAGSTER_HOME": str(home)}
+    )
+
+    assert result.exit_code == 0, result.output
+    assert f"now shows {before - 1:,} open" in result.output
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        records = instance.fetch_observations(
+            dg.AssetKey([PLAYBOOK, "escalations"]), limit=5
+        ).records
+    (record,) = records
+    observation = record.asset_observation
+    assert observation is not None and observation.partition == "p1"
+    assert observation.metadata["open"].value == before - 1
+    assert observation.metadata["changed_by"].value == "ana"
+
+    other = str(ledger.escalations(playbook=PLAYBOOK)["idempotency_key"].iloc[0])
+    unset = run("resolve", other, "--ledger", ledger_url, "--by", "ana", env={"DAGSTER_HOME": ""})
+    assert unset.exit_code == 0
+    assert "DAGSTER_HOME is not set, so the Dagster UI was not told" in unset.output
+
+
+def test_summary_counts_agree_with_the_metadata_and_the_check(tmp_path: Path) -> None:
+    from tests.test_execution_assets import make_project, materializations
+
+    frame = churn_scores(400, seed=4)
+    project = make_project(tmp_path, {"p1": frame})
+    project.materialize_insight("p1")
+    result = project.run("p1")
+    assert result.success
+    actions = materializations(result)[f"{PLAYBOOK}/actions"]
+    share = next(
+        e.asset_check_evaluation_data
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+        and e.asset_check_evaluation_data.check_name.endswith("flagged_share")
+    )
+
+    out = run("summary", "--ledger", str(project.ledger.url), "-p", PLAYBOOK, "-k", "p1").output
+
+    def number(label: str) -> int:
+        match = re.search(rf"^  {re.escape(label)}\s+([\d,]+)", out, flags=re.MULTILINE)
+        assert match, (label, out)
+        return int(match.group(1).replace(",", ""))
+
+    assert number("flagged") == actions["flagged"]
+    assert f"{actions['flagged']:,} of {len(frame):,} entities flagged" in str(share.description)
+    assert number("escalated to a person") == actions["escalated"]
+    assert number("skipped (no rule matched)") == actions["skipped"]
+    assert number("acted autonomously") == actions["succeeded"]
+    assert number("failed") == actions["failed"] == 0
+    assert f"Autonomy rate: {actions['autonomy_rate']:.1%}" in out
