@@ -28,6 +28,12 @@ from autoexec_dagster.ledger.action_ledger import ActionLedger
 from autoexec_dagster.playbook import Guardrails, Playbook, Rule
 from autoexec_dagster.routing import route, validate_insight
 from autoexec_dagster.version import __version__
+from autoexec_dagster.workflows.advance import (
+    WorkflowReport,
+    advance_workflows,
+    advance_workflows_async,
+)
+from autoexec_dagster.workflows.workflow import Step, Workflow
 
 __all__ = [
     "ActionLedger",
@@ -52,9 +58,14 @@ __all__ = [
     "Rule",
     "Sender",
     "SqlChannel",
+    "Step",
     "TransientChannelError",
     "WebhookChannel",
+    "Workflow",
+    "WorkflowReport",
     "__version__",
+    "advance_workflows",
+    "advance_workflows_async",
     "build_execution_defs",
     "execute_plan",
     "execute_plan_async",

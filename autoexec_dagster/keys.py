@@ -81,3 +81,23 @@ def key_label(action: str | None, decision: str, rule: str) -> str:
     Holdout rows keep their action so the control group is measured per action.
     """
     return action if action is not None else f"{decision}:{rule}"
+
+
+def workflow_label(workflow: str) -> str:
+    """The action part of a workflow decision's key (which is also its instance id)."""
+    return f"workflow:{workflow}"
+
+
+def step_keys(*, instance_ids: Sequence[str], step: str, attempts: Sequence[int]) -> list[str]:
+    """Keys of workflow step attempts: hash(instance, step, attempt), one per instance.
+
+    The instance id already names the insight, partition, entity and workflow, so each attempt of
+    each step of each instance has its own key, the same on every re-run.
+    """
+    base = hashlib.blake2b(SEP.join(("step", step, "")).encode(), digest_size=16)
+    keys: list[str] = []
+    for instance, attempt in zip(instance_ids, attempts, strict=True):
+        hasher = base.copy()
+        hasher.update(f"{instance}{SEP}{attempt}".encode())
+        keys.append(hasher.hexdigest())
+    return keys

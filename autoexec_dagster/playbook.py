@@ -9,30 +9,42 @@ same validation applies whether they are written in Python or loaded from YAML.
 import hashlib
 import json
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from autoexec_dagster.errors import PlaybookError
 from autoexec_dagster.expressions import NAME_RE, ParsedExpression, parse_expression
+from autoexec_dagster.workflows.workflow import Workflow
 
 RuleCallable = Callable[[pd.DataFrame], pd.Series]
 
 
 class Rule(BaseModel):
-    """One routing rule: when it matches, act, escalate to a person, or skip.
+    """One routing rule: when it matches, act, start a workflow, escalate to a person, or skip.
 
-    Exactly one of ``action``, ``escalate`` or ``skip`` must be set.
+    Exactly one of ``action``, ``workflow``, ``escalate`` or ``skip`` must be set.
 
     Attributes:
         name: Identifier of the rule (letters, digits, underscores), shown in the ledger.
         when: A pandas query expression over the insight's columns, or a callable that takes the
             insight DataFrame and returns a boolean Series (Python playbooks only).
         action: Name of the action (a key of the ``channels`` mapping) to execute.
+        workflow: Name of a workflow of the playbook (``Playbook.workflows``) to start for each
+            matching entity: durable steps, advanced by later runs.
         escalate: Reason text; matching entities go to the human escalation queue.
         skip: Matching entities are deliberately left alone (and later rules do not see them).
         reason: Why this rule acts, shown in plans and summaries; defaults to the expression.
@@ -44,6 +56,7 @@ class Rule(BaseModel):
     name: str
     when: str | RuleCallable
     action: str | None = None
+    workflow: str | None = None
     escalate: str | None = None
     skip: bool = False
     reason: str | None = None
@@ -59,22 +72,28 @@ class Rule(BaseModel):
             )
         return value
 
-    @field_validator("action")
+    @field_validator("action", "workflow")
     @classmethod
-    def _check_action(cls, value: str | None) -> str | None:
+    def _check_action(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and not NAME_RE.match(value):
             raise ValueError(
-                f"action name {value!r} must start with a letter and hold only letters, digits "
-                "and underscores"
+                f"{info.field_name} name {value!r} must start with a letter and hold only "
+                "letters, digits and underscores"
             )
         return value
 
     @model_validator(mode="after")
     def _check_outcome(self) -> "Rule":
-        chosen = [self.action is not None, self.escalate is not None, self.skip]
+        chosen = [
+            self.action is not None,
+            self.workflow is not None,
+            self.escalate is not None,
+            self.skip,
+        ]
         if sum(chosen) != 1:
             raise ValueError(
-                f"rule {self.name!r} must set exactly one of 'action', 'escalate' or 'skip'"
+                f"rule {self.name!r} must set exactly one of 'action', 'workflow', 'escalate' or "
+                "'skip'"
             )
         if self.escalate is not None and not self.escalate.strip():
             raise ValueError(f"rule {self.name!r}: the escalation reason is empty")
@@ -87,9 +106,11 @@ class Rule(BaseModel):
 
     @property
     def decision(self) -> str:
-        """``act``, ``escalate`` or ``skip``."""
+        """``act``, ``workflow``, ``escalate`` or ``skip``."""
         if self.action is not None:
             return "act"
+        if self.workflow is not None:
+            return "workflow"
         if self.escalate is not None:
             return "escalate"
         return "skip"
@@ -125,6 +146,7 @@ class Rule(BaseModel):
             "name": self.name,
             "when": when,
             "action": self.action,
+            "workflow": self.workflow,
             "escalate": self.escalate,
             "skip": self.skip,
         }
@@ -174,6 +196,7 @@ class Playbook(BaseModel):
         required_columns: Columns the insight must hold besides those the rules read.
         score_ranges: Inclusive ``[low, high]`` range per numeric column, checked before routing.
         personal_columns: Columns masked in metadata previews (emails, names, phone numbers).
+        workflows: Named multi-step workflows that rules may start (``Rule(workflow=...)``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -181,6 +204,7 @@ class Playbook(BaseModel):
     name: str
     entity_key: str
     rules: list[Rule] = Field(min_length=1)
+    workflows: dict[str, Workflow] = Field(default_factory=dict)
     guardrails: Guardrails = Field(default_factory=Guardrails)
     description: str = ""
     version: str | None = None
@@ -225,6 +249,25 @@ class Playbook(BaseModel):
                     f"rule name {rule.name!r} is used twice; rule names must be unique"
                 )
             seen.add(rule.name)
+        for name in self.workflows:
+            if not NAME_RE.match(name):
+                raise ValueError(
+                    f"workflow name {name!r} must start with a letter and hold only letters, "
+                    "digits and underscores"
+                )
+        used = {rule.workflow for rule in self.rules if rule.workflow is not None}
+        unknown = sorted(used - set(self.workflows))
+        if unknown:
+            raise ValueError(
+                f"rule(s) start unknown workflow(s) {unknown}; the playbook defines "
+                f"{sorted(self.workflows) or 'no workflows'}"
+            )
+        for name in sorted(set(self.workflows) - used):
+            warnings.warn(
+                f"playbook {self.name!r}: workflow {name!r} is started by no rule",
+                UserWarning,
+                stacklevel=2,
+            )
         return self
 
     @property
@@ -239,13 +282,32 @@ class Playbook(BaseModel):
             "holdout_fraction": self.guardrails.holdout_fraction,
             "holdout_salt": self.holdout_salt,
         }
+        if self.workflows:
+            payload["workflows"] = {
+                name: workflow.model_dump(mode="json") for name, workflow in self.workflows.items()
+            }
         encoded = json.dumps(payload, sort_keys=True).encode()
         return "v-" + hashlib.sha256(encoded).hexdigest()[:12]
 
     @property
     def actions(self) -> list[str]:
-        """Action names the rules use, in rule order, without repeats."""
-        return list(dict.fromkeys(r.action for r in self.rules if r.action is not None))
+        """Channel names the rules and the workflows' steps use, in order, without repeats."""
+        names = [r.action for r in self.rules if r.action is not None]
+        for rule in self.rules:
+            if rule.workflow is not None:
+                names.extend(self.workflows[rule.workflow].actions)
+        return list(dict.fromkeys(names))
+
+    def rule(self, name: str) -> Rule:
+        """The rule called ``name``.
+
+        Raises:
+            KeyError: No such rule.
+        """
+        for rule in self.rules:
+            if rule.name == name:
+                return rule
+        raise KeyError(name)
 
     def rule_columns(self) -> frozenset[str]:
         """Every column the rules read."""

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 
 from autoexec_dagster.errors import InsightValidationError, PlanError, PlaybookError
-from autoexec_dagster.keys import SEP, idempotency_keys, key_label
-from autoexec_dagster.playbook import Playbook
+from autoexec_dagster.keys import SEP, idempotency_keys, key_label, workflow_label
+from autoexec_dagster.playbook import Playbook, Rule
 
 PLAN_COLUMNS: tuple[str, ...] = (
     "entity_id",
@@ -23,7 +23,7 @@ PLAN_COLUMNS: tuple[str, ...] = (
     "reason",
     "idempotency_key",
 )
-DECISIONS: tuple[str, ...] = ("act", "escalate", "holdout", "skip")
+DECISIONS: tuple[str, ...] = ("act", "escalate", "holdout", "skip", "workflow")
 PLAN_ATTRS = "autoexec"
 _NO_RULE = "(none)"
 
@@ -177,9 +177,7 @@ def route(
         reasons.append(f"holdout: control group ({fraction:.1%} of actions)")
         reason_codes[held] = len(reasons) - 1
 
-    labels = [key_label(r.action, r.decision, r.name) for r in rules] + [
-        key_label(None, "skip", _NO_RULE)
-    ]
+    labels = [_rule_label(r) for r in rules] + [key_label(None, "skip", _NO_RULE)]
     plan = frame.copy()
     # Categoricals built from codes keep 1M-row plans small and fast to build.
     plan["entity_id"] = entity_ids
@@ -216,10 +214,22 @@ def route(
     return plan
 
 
-def _key_actions(plan: pd.DataFrame) -> list[str]:
+def _rule_label(rule: Rule) -> str:
+    """The action part of the keys a rule's decisions get (a workflow's is its instance id)."""
+    if rule.workflow is not None:
+        return workflow_label(rule.workflow)
+    return key_label(rule.action, rule.decision, rule.name)
+
+
+def _key_actions(plan: pd.DataFrame, playbook: Playbook) -> list[str]:
     action = plan["action"].astype(object)
     fallback = plan["decision"].astype(str) + ":" + plan["rule"].astype(str)
-    return action.where(action.notna(), fallback).astype(str).tolist()
+    labels = action.where(action.notna(), fallback).astype(str)
+    starts = {r.name: workflow_label(r.workflow) for r in playbook.rules if r.workflow}
+    if starts:
+        workflow_rows = plan["decision"].astype(str) == "workflow"
+        labels = labels.where(~workflow_rows, plan["rule"].astype(str).map(starts))
+    return labels.tolist()
 
 
 def rekey(
@@ -277,7 +287,7 @@ def rekey(
     keyed["idempotency_key"] = idempotency_keys(
         insight=insight,
         partition_key=partition_key,
-        actions=_key_actions(plan),
+        actions=_key_actions(plan, playbook),
         entity_ids=plan["entity_id"].astype(str).tolist(),
     )
     keyed.attrs[PLAN_ATTRS] = {

@@ -118,6 +118,9 @@ class DeliveryEngine:
         progress_interval: Seconds between progress log lines and callbacks.
         on_progress: Called with a :class:`Progress` at that interval.
         log: A ``logging.Logger`` or Dagster's ``context.log``.
+        escalate_failures: Open an escalation for each action that fails or meets an open
+            circuit. Workflow steps turn this off: their workflow escalates the entity once, with
+            the evidence of every step.
     """
 
     def __init__(
@@ -133,7 +136,9 @@ class DeliveryEngine:
         progress_interval: float,
         on_progress: Callable[[Progress], None] | None,
         log: Any,
+        escalate_failures: bool = True,
     ):
+        self.escalate_failures = escalate_failures
         self.ledger = ledger
         self.channels = channels
         self.report = report
@@ -282,8 +287,9 @@ class DeliveryEngine:
         if len(self.buffer) >= self.flush_size:
             self.flush_wanted.set()
 
-    @staticmethod
-    def _circuit_open(key: str, *, attempts: int, lane: _Lane) -> Outcome:
+    def _circuit_open(self, key: str, *, attempts: int, lane: _Lane) -> Outcome:
+        if not self.escalate_failures:
+            return Outcome(key=key, state=FAILED, attempts=attempts, error=lane.breaker.reason)
         return Outcome(
             key=key,
             state=ESCALATED,
@@ -291,6 +297,9 @@ class DeliveryEngine:
             error=lane.breaker.reason,
             escalation_kind="circuit_open",
         )
+
+    def _failure_kind(self) -> str | None:
+        return "delivery_failed" if self.escalate_failures else None
 
     async def _deliver_loop(
         self, lane: _Lane, sender: Sender, queue: "asyncio.Queue[ActionRequest | None]"
@@ -329,7 +338,7 @@ class DeliveryEngine:
                     attempts=attempts - 1,
                     error=f"not sent: the request could not be prepared: "
                     f"{type(exc).__name__}: {exc}",
-                    escalation_kind="delivery_failed",
+                    escalation_kind=self._failure_kind(),
                 )
             try:
                 result = await sender.send(attempt)
@@ -355,7 +364,7 @@ class DeliveryEngine:
                     attempts=attempts,
                     error=f"after {attempts} attempt(s): {error}",
                     request_digest=request_digest,
-                    escalation_kind="delivery_failed",
+                    escalation_kind=self._failure_kind(),
                 )
             except Exception as exc:  # a bug in a channel must not lose the action
                 error = f"unexpected {type(exc).__name__}: {exc}"
@@ -366,7 +375,7 @@ class DeliveryEngine:
                     attempts=attempts,
                     error=error,
                     request_digest=request_digest,
-                    escalation_kind="delivery_failed",
+                    escalation_kind=self._failure_kind(),
                 )
             # Delivered: from here on only the outcome is recorded, nothing may raise.
             lane.breaker.record_success()

@@ -37,6 +37,11 @@ from autoexec_dagster.executor.report import ExecutionReport
 from autoexec_dagster.ledger.action_ledger import ActionLedger
 from autoexec_dagster.playbook import Playbook
 from autoexec_dagster.routing import PLAN_ATTRS, rekey
+from autoexec_dagster.workflows.advance import (
+    WorkflowReport,
+    advance_workflows_async,
+    check_workflow_channels,
+)
 
 __all__ = ["Progress", "escalate_batch", "execute_plan", "execute_plan_async"]
 
@@ -162,6 +167,22 @@ async def execute_plan_async(
             log=out,
         )
         await engine.run(to_send)
+    if playbook.workflows and not report.dry_run and not report.blocked_reason:
+        # Take the workflows this partition started (and any due ones) as far as they go now.
+        report.workflows = await advance_workflows_async(
+            playbook=playbook,
+            ledger=ledger,
+            channels=channels,
+            partition_key=report.partition_key,
+            run_id=run_id,
+            lease_seconds=lease_seconds,
+            log=out,
+            report=WorkflowReport(
+                playbook=playbook.name,
+                partition_key=report.partition_key,
+                started=report.workflows_started,
+            ),
+        )
     report.duration_seconds = time.perf_counter() - started
     if (report.blocked_reason is None and report.paused_reason is None) or to_send:
         out.info(
@@ -205,6 +226,7 @@ def _prepare(
     report.flagged = int((decision != "skip").sum())
 
     _check_channels(keyed, act_positions, channels)
+    check_workflow_channels(playbook, channels)
 
     paused = ledger.pause_reason(playbook.name)
     if paused:
@@ -229,8 +251,20 @@ def _prepare(
         return report, {}
 
     cooldown = cooldown_lookup(keyed, playbook=playbook, ledger=ledger, partition_key=partition)
+    starts = {
+        rule.name: (rule.workflow, playbook.workflows[rule.workflow])
+        for rule in playbook.rules
+        if rule.workflow is not None
+    }
     to_send = record_plan(
-        ledger, keyed, report, channels=channels, run_id=run_id, dry=dry, cooldown=cooldown
+        ledger,
+        keyed,
+        report,
+        channels=channels,
+        run_id=run_id,
+        dry=dry,
+        cooldown=cooldown,
+        starts=starts,
     )
     if report.already_done:
         versions = ledger.partition_versions(playbook=playbook.name, partition_key=partition)

@@ -15,6 +15,7 @@ import pandas as pd
 from autoexec_dagster.channels.base import Channel
 from autoexec_dagster.executor.report import ExecutionReport
 from autoexec_dagster.keys import escalation_dedupe_key
+from autoexec_dagster.ledger import payload
 from autoexec_dagster.ledger.action_ledger import ActionLedger
 from autoexec_dagster.ledger.schema import (
     DRY_RUN,
@@ -23,12 +24,19 @@ from autoexec_dagster.ledger.schema import (
     HELD_OUT,
     RESERVED,
     SKIPPED,
+    WORKFLOW,
 )
 from autoexec_dagster.routing import PLAN_ATTRS, PLAN_COLUMNS
+from autoexec_dagster.workflows.workflow import Workflow
 
 RECORD_CHUNK = 5_000
 DRY_PREFIX = "dry:"
-_STATE_FOR_DECISION = {"escalate": ESCALATED, "holdout": HELD_OUT, "skip": SKIPPED}
+_STATE_FOR_DECISION = {
+    "escalate": ESCALATED,
+    "holdout": HELD_OUT,
+    "skip": SKIPPED,
+    "workflow": WORKFLOW,
+}
 
 
 def entity_data(record: Mapping[Any, Any]) -> dict[str, Any]:
@@ -51,13 +59,16 @@ def record_plan(
     run_id: str | None,
     dry: bool,
     cooldown: Mapping[tuple[str, str], datetime],
+    starts: Mapping[str, tuple[str, Workflow]] | None = None,
 ) -> dict[str, list[str]]:
     """Record every entity in the ledger; return the keys still to send, per action.
 
     Works in chunks so a million-row plan never holds a million row dicts at once. Actions in
     ``cooldown`` (the entity got the same action recently) are recorded as skipped, with why. A
     rule escalation whose case (entity and rule) is still open from another partition is recorded
-    as escalated there and not opened again; the report counts it per partition.
+    as escalated there and not opened again; the report counts it per partition. An entity routed
+    to a workflow (``starts``: rule name -> the workflow's name and definition) starts one instance, keyed like the
+    decision, due at once.
     """
     info = keyed.attrs[PLAN_ATTRS]
     partition = info["partition_key"] or ""
@@ -140,6 +151,7 @@ def record_plan(
         existing = [r["idempotency_key"] for r in rows if r["idempotency_key"] not in inserted]
         states = ledger.states(existing) if existing else {}
         new_escalations: list[int] = []
+        new_instances: list[int] = []
         for offset, row in enumerate(rows):
             position = start + offset
             decision = row["decision"]
@@ -164,6 +176,11 @@ def record_plan(
                 elif decision == "holdout":
                     report.held_out += 1
                     report.count(action, "held_out")
+                elif decision == "workflow":
+                    if dry:
+                        report.dry_run_workflows += 1
+                    else:
+                        new_instances.append(position)
                 else:
                     report.skipped += 1
                 continue
@@ -175,6 +192,16 @@ def record_plan(
                 report.already_done += 1
                 if decision == "act":
                     report.count(action, "already_done")
+        if new_instances:
+            _start_instances(
+                ledger,
+                keyed,
+                report,
+                positions=new_instances,
+                info=info,
+                run_id=run_id,
+                starts=starts or {},
+            )
         if new_escalations:
             _open_rule_escalations(
                 ledger,
@@ -186,6 +213,39 @@ def record_plan(
                 reasons=reason_all,
             )
     return to_send
+
+
+def _start_instances(
+    ledger: ActionLedger,
+    keyed: pd.DataFrame,
+    report: ExecutionReport,
+    *,
+    positions: list[int],
+    info: Mapping[str, Any],
+    run_id: str | None,
+    starts: Mapping[str, tuple[str, Workflow]],
+) -> None:
+    records = keyed.iloc[positions].to_dict("records")
+    rows = []
+    for record in records:
+        rule = str(record["rule"])
+        name, workflow = starts[rule]
+        rows.append(
+            {
+                "instance_id": str(record["idempotency_key"]),
+                "playbook": info["playbook"],
+                "playbook_version": info["playbook_version"],
+                "workflow": name,
+                "insight": info["insight"],
+                "partition_key": info["partition_key"] or "",
+                "entity_id": str(record["entity_id"]),
+                "rule": rule,
+                "step": workflow.steps[0].name,
+                "data": payload.dumps(entity_data(record)),
+                "run_id": run_id,
+            }
+        )
+    report.workflows_started += len(ledger.start_instances(rows))
 
 
 def _open_rule_escalations(

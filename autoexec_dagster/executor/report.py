@@ -25,6 +25,11 @@ class ExecutionReport:
         failed: Actions that failed permanently or ran out of attempts (each also escalated).
         escalated: Entities sent to the human queue by this call: by a rule, a guardrail, an
             open circuit or an in-doubt at-most-once action.
+        workflows_started: Workflow instances started by this call (one per entity routed to a
+            workflow; a re-run starts none).
+        dry_run_workflows: Workflow starts recorded as "would have started" in dry-run mode.
+        workflows: The :class:`~autoexec_dagster.workflows.advance.WorkflowReport` of the
+            workflows this call advanced, or None when the playbook has none.
         still_open_escalations: Entities a rule escalates whose escalation by that rule is still
             open from an earlier partition (not opened again), counted by that partition.
         earlier_versions: When earlier runs of this partition used other playbook versions: the
@@ -59,6 +64,9 @@ class ExecutionReport:
     succeeded: int = 0
     failed: int = 0
     escalated: int = 0
+    workflows_started: int = 0
+    dry_run_workflows: int = 0
+    workflows: Any = None
     still_open_escalations: dict[str, int] = field(default_factory=dict)
     earlier_versions: dict[str, int] = field(default_factory=dict)
     held_out: int = 0
@@ -135,6 +143,7 @@ class ExecutionReport:
             "failed": self.failed,
             "escalated": self.escalated,
             "still_open": self.still_open,
+            "workflows_started": self.workflows_started,
             "held_out": self.held_out,
             "skipped": self.skipped,
             "already_done": self.already_done,
@@ -170,6 +179,17 @@ class ExecutionReport:
             f"- {self.held_out:,} held out as control group, {self.skipped:,} skipped",
             f"- {self.failed:,} failed, {self.retries:,} retries",
         ]
+        flow = self.workflows
+        if self.workflows_started or (flow is not None and flow.advanced):
+            line = f"- {self.workflows_started:,} workflow(s) started"
+            if flow is not None:
+                line += (
+                    f"; {flow.succeeded:,} finished, {flow.failed:,} failed and escalated, "
+                    f"{flow.waiting:,} waiting"
+                )
+                if flow.next_due is not None:
+                    line += f" (next due {flow.next_due:%Y-%m-%d %H:%M:%S} UTC)"
+            lines.append(line)
         if self.cooled_down:
             lines.append(
                 f"- {self.cooled_down:,} not repeated: same action delivered recently (cooldown)"
@@ -228,6 +248,7 @@ class ExecutionReport:
             "escalation_reasons": dict(self.escalation_reasons),
             "still_open_escalations": dict(self.still_open_escalations),
             "earlier_versions": dict(self.earlier_versions),
+            "workflows": self.workflows.as_dict() if self.workflows is not None else None,
             "errors": list(self.errors),
         }
 

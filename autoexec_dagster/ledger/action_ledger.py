@@ -6,6 +6,7 @@
 - :mod:`~autoexec_dagster.ledger.outbox`: reserve, claim, heartbeat, complete, recover;
 - :mod:`~autoexec_dagster.ledger.escalations`: the escalation queue and its case dedupe;
 - :mod:`~autoexec_dagster.ledger.controls`: the kill switch;
+- :mod:`~autoexec_dagster.ledger.workflow_store`: workflow instances, claimed when due;
 - :mod:`~autoexec_dagster.ledger.queries`: the reads that metadata and the command line use.
 """
 
@@ -15,17 +16,20 @@ from autoexec_dagster.ledger.escalations import Escalations
 from autoexec_dagster.ledger.liveness import new_worker_id
 from autoexec_dagster.ledger.outbox import Outbox, Outcome, WorkItem
 from autoexec_dagster.ledger.queries import LedgerQueries
+from autoexec_dagster.ledger.workflow_store import WorkflowStore
 
 __all__ = ["DEFAULT_LEDGER_URL", "ActionLedger", "Outcome", "WorkItem", "new_worker_id"]
 
 
-class ActionLedger(Outbox, Escalations, Controls, LedgerQueries):
+class ActionLedger(Outbox, Escalations, Controls, WorkflowStore, LedgerQueries):
     """Durable record of every action, backed by SQLite (default) or PostgreSQL.
 
     Args:
         url: SQLAlchemy URL, e.g. ``sqlite:///ledger.db`` or
             ``postgresql+psycopg://user@host/db``. The schema is created or migrated on open.
         echo: Log SQL statements (debugging).
+        clock: The time workflows are due by (a callable returning an aware datetime); defaults
+            to the real UTC time. Tests move it forward instead of sleeping.
 
     Raises:
         LedgerError: The URL is malformed, its driver is missing, or the database cannot be opened

@@ -6,7 +6,7 @@ cause (with any password masked), so a caller never has to know the driver's exc
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,13 +47,22 @@ class LedgerBase:
         url: SQLAlchemy URL, e.g. ``sqlite:///ledger.db`` or
             ``postgresql+psycopg://user@host/db``. The schema is created or migrated on open.
         echo: Log SQL statements (debugging).
+        clock: The time workflows are due by: a callable returning an aware datetime. Defaults to
+            the real UTC time; tests pass a clock they move forward instead of sleeping.
 
     Raises:
         LedgerError: The URL is malformed, its driver is missing, or the database cannot be opened
             or migrated. The message masks any password.
     """
 
-    def __init__(self, url: str = DEFAULT_LEDGER_URL, *, echo: bool = False):
+    def __init__(
+        self,
+        url: str = DEFAULT_LEDGER_URL,
+        *,
+        echo: bool = False,
+        clock: Callable[[], datetime] | None = None,
+    ):
+        self.clock: Callable[[], datetime] = clock or now
         try:
             parsed = sa.make_url(url)
         except (sa_exc.ArgumentError, ValueError) as exc:

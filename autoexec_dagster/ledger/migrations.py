@@ -48,14 +48,23 @@ def _new_action_key(row: Any) -> str:
 
 
 def _to_v2(conn: sa.Connection) -> None:
-    """Keys without the playbook version; outbox payload and output; escalation dedupe keys."""
+    """Keys without the playbook version; outbox payload and output; escalation dedupe keys;
+    workflow instances, whose step attempts are actions naming their instance and step."""
     for table, column in (
         ("autoexec_actions", "payload"),
         ("autoexec_actions", "output"),
         ("autoexec_escalations", "dedupe_key"),
+        ("autoexec_actions", "instance_id"),
+        ("autoexec_actions", "step"),
     ):
         conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} TEXT"))
     schema.superseded_actions.create(conn, checkfirst=True)
+    schema.workflow_instances.create(conn, checkfirst=True)
+    conn.execute(
+        sa.text(
+            "CREATE INDEX IF NOT EXISTS ix_autoexec_actions_instance ON autoexec_actions (instance_id)"
+        )
+    )
     now = datetime.now(UTC)
 
     a = schema.actions

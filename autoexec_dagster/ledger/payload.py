@@ -58,6 +58,18 @@ def _revive(obj: dict[str, Any]) -> Any:
     return obj
 
 
+def dumps_value(value: Any) -> str:
+    """Encode any JSON-able value (a list of log entries, say) the way :func:`dumps` does."""
+    return json.dumps(value, default=_tagged, separators=(",", ":"))
+
+
+def loads_value(text: str | None, default: Any = None) -> Any:
+    """Decode what :func:`dumps_value` wrote; ``default`` for None or empty text."""
+    if not text:
+        return default
+    return json.loads(text, object_hook=_revive) if _TAG in text else json.loads(text)
+
+
 def dumps(data: Mapping[str, Any]) -> str:
     """Encode a mapping of plan values as JSON text (NaN stays NaN, as Python's json reads it)."""
     return json.dumps(data, default=_tagged, separators=(",", ":"))

@@ -5,7 +5,8 @@ The schema is versioned in ``autoexec_schema_version`` so a release can migrate 
 
 Version 2: idempotency keys no longer include the playbook version; the outbox keeps each pending
 action's request data (``payload``) and each reply's bounded ``output``; rule escalations carry a
-``dedupe_key`` with at most one open escalation per key.
+``dedupe_key`` with at most one open escalation per key; workflow instances have their own
+table, and their step attempts are actions that name their ``instance_id`` and ``step``.
 """
 
 import sqlalchemy as sa
@@ -25,6 +26,8 @@ ESCALATED = "escalated"
 HELD_OUT = "held_out"
 SKIPPED = "skipped"
 DRY_RUN = "dry_run"
+# The entity was handed to a workflow instance (autoexec_workflow_instances); its steps are actions.
+WORKFLOW = "workflow"
 STATES: tuple[str, ...] = (
     RESERVED,
     SENDING,
@@ -35,8 +38,20 @@ STATES: tuple[str, ...] = (
     HELD_OUT,
     SKIPPED,
     DRY_RUN,
+    WORKFLOW,
 )
-FINAL_STATES: frozenset[str] = frozenset({SUCCEEDED, FAILED, ESCALATED, HELD_OUT, SKIPPED, DRY_RUN})
+FINAL_STATES: frozenset[str] = frozenset(
+    {SUCCEEDED, FAILED, ESCALATED, HELD_OUT, SKIPPED, DRY_RUN, WORKFLOW}
+)
+
+# Workflow instance states. Running and waiting instances have a next_due; failing ones run their
+# on_failure_steps before the escalation; the rest are final.
+RUNNING = "running"
+WAITING = "waiting"
+FAILING = "failing"
+CANCELLED = "cancelled"
+ACTIVE_INSTANCE_STATES: tuple[str, ...] = (RUNNING, WAITING, FAILING)
+INSTANCE_STATES: tuple[str, ...] = (*ACTIVE_INSTANCE_STATES, SUCCEEDED, FAILED, CANCELLED)
 
 metadata = sa.MetaData()
 
@@ -72,6 +87,9 @@ actions = sa.Table(
     sa.Column("payload", sa.Text),
     # The reply's bounded JSON output, for later workflow steps.
     sa.Column("output", sa.Text),
+    # For workflow step attempts: the instance and the step.
+    sa.Column("instance_id", sa.String(80)),
+    sa.Column("step", sa.String(100)),
     sa.Column("detail", sa.String(500)),
     sa.Column("error", sa.Text),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
@@ -81,6 +99,56 @@ actions = sa.Table(
     sa.Index("ix_autoexec_actions_state", "state"),
     sa.Index("ix_autoexec_actions_worker", "worker"),
     sa.Index("ix_autoexec_actions_entity", "playbook", "entity_id"),
+    sa.Index("ix_autoexec_actions_instance", "instance_id"),
+)
+
+_ACTIVE = "state IN ('running', 'waiting', 'failing')"
+
+workflow_instances = sa.Table(
+    "autoexec_workflow_instances",
+    metadata,
+    # The idempotency key of the decision that started it: one instance per entity, partition and
+    # workflow, however often the partition is re-run.
+    sa.Column("instance_id", sa.String(80), primary_key=True),
+    sa.Column("playbook", sa.String(100), nullable=False),
+    sa.Column("playbook_version", sa.String(100), nullable=False),
+    sa.Column("workflow", sa.String(100), nullable=False),
+    sa.Column("insight", sa.String(300), nullable=False),
+    sa.Column("partition_key", sa.String(200), nullable=False),
+    sa.Column("entity_id", sa.String(300), nullable=False),
+    sa.Column("rule", sa.String(100), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    # The step the instance is at (None once finished) and its position; failing instances are
+    # at a step of on_failure_steps.
+    sa.Column("step", sa.String(100)),
+    sa.Column("step_index", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("attempt", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("step_started_at", sa.DateTime(timezone=True)),
+    sa.Column("next_due", sa.DateTime(timezone=True)),
+    # JSON: {step: output} and the list of step outcomes (the evidence of a failure).
+    sa.Column("outputs", sa.Text, nullable=False, server_default="{}"),
+    sa.Column("log", sa.Text, nullable=False, server_default="[]"),
+    # The entity's insight columns (JSON), which conditions and templates read.
+    sa.Column("data", sa.Text, nullable=False, server_default="{}"),
+    sa.Column("error", sa.Text),
+    sa.Column("worker", sa.String(200)),
+    sa.Column("lease_expires_at", sa.Float),
+    sa.Column("run_id", sa.String(64)),
+    sa.Column("cancelled_by", sa.String(200)),
+    sa.Column("cancel_reason", sa.Text),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("finished_at", sa.DateTime(timezone=True)),
+    # The due-work query: active instances only, so finished ones are never scanned.
+    sa.Index(
+        "ix_autoexec_workflow_due",
+        "playbook",
+        "next_due",
+        sqlite_where=sa.text(_ACTIVE),
+        postgresql_where=sa.text(_ACTIVE),
+    ),
+    sa.Index("ix_autoexec_workflow_partition", "playbook", "partition_key", "state"),
+    sa.Index("ix_autoexec_workflow_entity", "playbook", "entity_id"),
 )
 
 escalations = sa.Table(

@@ -1,0 +1,287 @@
+"""Workflow instances in the ledger: started once, claimed when due, saved after each advance.
+
+Nothing waits in a process: an instance records the step it is at and when it is next due, and a
+later run claims the due ones (under a lease, like actions, so two runs never advance the same
+instance), takes each as far as it can go, and saves where it stopped.
+"""
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+import sqlalchemy as sa
+
+from autoexec_dagster.ledger import schema
+from autoexec_dagster.ledger.engine import LedgerBase, chunks
+from autoexec_dagster.ledger.engine import now as utcnow
+from autoexec_dagster.ledger.schema import ACTIVE_INSTANCE_STATES, CANCELLED
+
+# Columns a claimed instance carries into an advance.
+INSTANCE_COLUMNS: tuple[str, ...] = (
+    "instance_id",
+    "playbook",
+    "playbook_version",
+    "workflow",
+    "insight",
+    "partition_key",
+    "entity_id",
+    "rule",
+    "state",
+    "step",
+    "step_index",
+    "attempt",
+    "step_started_at",
+    "next_due",
+    "outputs",
+    "log",
+    "data",
+    "created_at",
+)
+# Columns an advance may change.
+SAVED_COLUMNS: tuple[str, ...] = (
+    "state",
+    "step",
+    "step_index",
+    "attempt",
+    "step_started_at",
+    "next_due",
+    "outputs",
+    "log",
+    "error",
+    "finished_at",
+)
+
+
+class WorkflowStore(LedgerBase):
+    """Start, claim, save, cancel and list workflow instances."""
+
+    def start_instances(self, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Insert instances that do not exist yet; returns the ids inserted by this call.
+
+        Each row holds instance_id, playbook, playbook_version, workflow, insight, partition_key,
+        entity_id, rule, step, data (JSON text) and run_id. New instances are due at once.
+        """
+        if not rows:
+            return []
+        stamp = utcnow()
+        due = self.clock()
+        t = schema.workflow_instances
+        statement = self._insert_ignore(t).returning(t.c.instance_id)
+        inserted: list[str] = []
+        with self._write("start workflow instances") as conn:
+            for chunk in chunks(rows, 5_000):
+                values = [
+                    {
+                        "state": schema.RUNNING,
+                        "step_index": 0,
+                        "attempt": 0,
+                        "next_due": due,
+                        "outputs": "{}",
+                        "log": "[]",
+                        "created_at": stamp,
+                        "updated_at": stamp,
+                        **row,
+                    }
+                    for row in chunk
+                ]
+                inserted.extend(r[0] for r in conn.execute(statement, values))
+        return inserted
+
+    def claim_instances(
+        self,
+        *,
+        playbook: str,
+        worker: str,
+        lease_seconds: float,
+        partition_key: str | None = None,
+        instance_ids: Sequence[str] | None = None,
+        limit: int = 5_000,
+    ) -> list[dict[str, Any]]:
+        """Claim active instances that are due now (by the ledger's clock), oldest due first.
+
+        Instances held by another worker whose lease has not run out are skipped.
+
+        Returns:
+            The claimed instances as dicts of :data:`INSTANCE_COLUMNS`.
+        """
+        t = schema.workflow_instances
+        moment = time.time()
+        free = sa.or_(t.c.worker.is_(None), t.c.lease_expires_at < moment)
+        where = [
+            t.c.playbook == playbook,
+            t.c.state.in_(ACTIVE_INSTANCE_STATES),
+            t.c.next_due <= self.clock(),
+            free,
+        ]
+        if partition_key is not None:
+            where.append(t.c.partition_key == partition_key)
+        if instance_ids is not None:
+            where.append(t.c.instance_id.in_(list(instance_ids)))
+        pick = sa.select(t.c.instance_id).where(*where).order_by(t.c.next_due).limit(limit)
+        if self.dialect == "postgresql":
+            pick = pick.with_for_update(skip_locked=True)
+        columns = [t.c[name] for name in INSTANCE_COLUMNS]
+        with self._write("claim workflow instances") as conn:
+            result = conn.execute(
+                sa.update(t)
+                .where(t.c.instance_id.in_(pick.scalar_subquery()))
+                .values(worker=worker, lease_expires_at=moment + lease_seconds)
+                .returning(*columns)
+            )
+            return [dict(zip(INSTANCE_COLUMNS, row, strict=True)) for row in result]
+
+    def save_instances(self, updates: Sequence[Mapping[str, Any]], *, worker: str) -> int:
+        """Write what an advance changed and release the claims; returns the rows written.
+
+        Each update holds instance_id and the :data:`SAVED_COLUMNS`. Only instances still held by
+        ``worker`` are written, so an advance whose lease ran out cannot overwrite a newer one.
+        """
+        if not updates:
+            return 0
+        t = schema.workflow_instances
+        statement = (
+            sa.update(t)
+            .where(t.c.instance_id == sa.bindparam("b_id"), t.c.worker == worker)
+            .values(
+                **{name: sa.bindparam(f"b_{name}") for name in SAVED_COLUMNS},
+                worker=None,
+                lease_expires_at=None,
+                updated_at=utcnow(),
+            )
+        )
+        params = [
+            {"b_id": u["instance_id"], **{f"b_{n}": u.get(n) for n in SAVED_COLUMNS}}
+            for u in updates
+        ]
+        written = 0
+        with self._write("save workflow instances") as conn:
+            for chunk in chunks(params, 5_000):
+                result = conn.execute(statement, chunk)
+                written += max(result.rowcount or 0, 0)
+        return written
+
+    def release_instances(self, instance_ids: Sequence[str], *, worker: str) -> None:
+        """Give claimed instances back unchanged (e.g. their step is held by another worker)."""
+        t = schema.workflow_instances
+        with self._write("release workflow instances") as conn:
+            for chunk in chunks(instance_ids):
+                conn.execute(
+                    sa.update(t)
+                    .where(t.c.instance_id.in_(chunk), t.c.worker == worker)
+                    .values(worker=None, lease_expires_at=None)
+                )
+
+    def due_partitions(
+        self, *, playbook: str, now: datetime | None = None
+    ) -> list[tuple[str, int, datetime]]:
+        """Partitions with due workflow work: ``(partition, instances due, earliest due)``.
+
+        One query on the partial index of active instances by (playbook, next_due); finished
+        instances are never scanned.
+        """
+        t = schema.workflow_instances
+        moment = self.clock() if now is None else now
+        query = (
+            sa.select(t.c.partition_key, sa.func.count(), sa.func.min(t.c.next_due))
+            .where(
+                t.c.playbook == playbook,
+                t.c.state.in_(ACTIVE_INSTANCE_STATES),
+                t.c.next_due <= moment,
+            )
+            .group_by(t.c.partition_key)
+            .order_by(t.c.partition_key)
+        )
+        with self._read("find due workflow work") as conn:
+            return [(str(p), int(n), due) for p, n, due in conn.execute(query)]
+
+    def next_due(self, *, playbook: str, partition_key: str | None = None) -> datetime | None:
+        """When the earliest active instance is next due (None when none is active)."""
+        t = schema.workflow_instances
+        where = [t.c.playbook == playbook, t.c.state.in_(ACTIVE_INSTANCE_STATES)]
+        if partition_key is not None:
+            where.append(t.c.partition_key == partition_key)
+        with self._read("find the next due workflow work") as conn:
+            return conn.execute(sa.select(sa.func.min(t.c.next_due)).where(*where)).scalar()
+
+    def cancel_instances(self, instance_ids: Iterable[str], *, by: str, reason: str) -> list[str]:
+        """Cancel active instances (who and why are recorded); returns the ids cancelled.
+
+        An instance another run is advancing right now is cancelled too: that run's save is then
+        refused (it no longer holds the claim), so nothing it would do after the cancel lands.
+        """
+        t = schema.workflow_instances
+        stamp = utcnow()
+        done: list[str] = []
+        with self._write("cancel workflow instances") as conn:
+            for chunk in chunks(list(instance_ids)):
+                result = conn.execute(
+                    sa.update(t)
+                    .where(t.c.instance_id.in_(chunk), t.c.state.in_(ACTIVE_INSTANCE_STATES))
+                    .values(
+                        state=CANCELLED,
+                        next_due=None,
+                        worker=None,
+                        lease_expires_at=None,
+                        cancelled_by=by,
+                        cancel_reason=reason,
+                        updated_at=stamp,
+                        finished_at=stamp,
+                    )
+                    .returning(t.c.instance_id)
+                )
+                done.extend(r[0] for r in result)
+        return done
+
+    def instances(
+        self,
+        *,
+        playbook: str | None = None,
+        partition_key: str | None = None,
+        states: Iterable[str] | None = None,
+        entity_id: str | None = None,
+        limit: int | None = None,
+    ) -> pd.DataFrame:
+        """Workflow instances, most recently updated first."""
+        t = schema.workflow_instances
+        query = sa.select(t).order_by(t.c.updated_at.desc(), t.c.instance_id)
+        if playbook is not None:
+            query = query.where(t.c.playbook == playbook)
+        if partition_key is not None:
+            query = query.where(t.c.partition_key == partition_key)
+        if states is not None:
+            query = query.where(t.c.state.in_(list(states)))
+        if entity_id is not None:
+            query = query.where(t.c.entity_id == entity_id)
+        if limit is not None:
+            query = query.limit(limit)
+        with self._read("list workflow instances") as conn:
+            return pd.read_sql(query, conn)
+
+    def instance_counts(self, *, playbook: str, partition_key: str | None = None) -> dict[str, int]:
+        """Instances per state."""
+        t = schema.workflow_instances
+        query = (
+            sa.select(t.c.state, sa.func.count())
+            .where(t.c.playbook == playbook)
+            .group_by(t.c.state)
+        )
+        if partition_key is not None:
+            query = query.where(t.c.partition_key == partition_key)
+        with self._read("count workflow instances") as conn:
+            return {str(s): int(n) for s, n in conn.execute(query)}
+
+    def step_outcomes(self, keys: Sequence[str]) -> dict[str, tuple[str, str | None, str | None]]:
+        """``(state, output JSON, error)`` of each existing step-attempt key."""
+        t = schema.actions
+        found: dict[str, tuple[str, str | None, str | None]] = {}
+        with self._read("read step outcomes") as conn:
+            for chunk in chunks(keys):
+                for key, state, output, error in conn.execute(
+                    sa.select(t.c.idempotency_key, t.c.state, t.c.output, t.c.error).where(
+                        t.c.idempotency_key.in_(chunk)
+                    )
+                ):
+                    found[key] = (state, output, error)
+        return found

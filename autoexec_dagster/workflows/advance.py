@@ -1,0 +1,779 @@
+"""``advance_workflows``: take every due workflow instance as far as it can go now, then stop.
+
+A run claims the instances that are due (by the ledger's clock), groups them by the step they are
+at, and moves each group one step per round, vectorised: ``when`` and ``until`` are evaluated over
+the whole group at once. Action and poll steps are delivered through the same claim -> send ->
+complete engine as one-shot actions, each attempt with its own key (instance, step, attempt), so a
+crashed or re-run advance resumes where it stopped and never repeats a step that succeeded. An
+instance that must wait (a poll interval, a timer) records when it is next due and is released; no
+process or thread waits for it.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pandas as pd
+
+from autoexec_dagster.channels.base import Channel
+from autoexec_dagster.errors import PlanError, PlaybookError
+from autoexec_dagster.executor.delivery import DeliveryEngine
+from autoexec_dagster.executor.report import ExecutionReport
+from autoexec_dagster.expressions import parse_expression
+from autoexec_dagster.keys import step_keys
+from autoexec_dagster.ledger import payload
+from autoexec_dagster.ledger.action_ledger import ActionLedger, new_worker_id
+from autoexec_dagster.ledger.schema import (
+    FAILED,
+    FAILING,
+    FINAL_STATES,
+    IN_DOUBT,
+    RESERVED,
+    RUNNING,
+    SKIPPED,
+    SUCCEEDED,
+    WAITING,
+)
+from autoexec_dagster.playbook import Playbook
+from autoexec_dagster.workflows.workflow import Step, Workflow
+
+logger = logging.getLogger("autoexec_dagster")
+
+BATCH = 5_000
+# Rounds per batch: each moves every instance at most one step. A workflow longer than this
+# simply continues in the next batch of the same call.
+_MAX_ROUNDS = 64
+# An instance whose step attempt is held by another live worker is looked at again after this.
+_HELD_RETRY = timedelta(seconds=30)
+_MAX_LOG = 200
+
+
+@dataclass
+class WorkflowReport:
+    """What one call of :func:`advance_workflows` (or a workflow-starting ``execute_plan``) did.
+
+    Attributes:
+        playbook: Playbook name.
+        partition_key: The partition advanced, or None for every partition.
+        started: Instances started by this call (by ``execute_plan``).
+        advanced: Instances this call claimed and moved.
+        steps_delivered: Step attempts delivered (polls count each attempt).
+        steps_skipped: Steps skipped because their ``when`` did not hold.
+        waiting: Instances left waiting at the end of this call (a poll interval or a timer).
+        running: Instances left due but not finished (a step held by another worker).
+        succeeded: Instances that finished every step in this call.
+        failed: Instances that failed for good in this call (each is also escalated).
+        escalated: Entities escalated with the evidence of their workflow.
+        next_due: When the earliest instance this call left waiting is due.
+        by_step: Per step: delivered, skipped, failed, waiting counts.
+        errors: A bounded sample of failure messages.
+        duration_seconds: Wall time of the call.
+    """
+
+    playbook: str
+    partition_key: str | None = None
+    started: int = 0
+    advanced: int = 0
+    steps_delivered: int = 0
+    steps_skipped: int = 0
+    waiting: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    escalated: int = 0
+    next_due: datetime | None = None
+    by_step: dict[str, dict[str, int]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    duration_seconds: float = 0.0
+
+    def count(self, step: str, outcome: str, n: int = 1) -> None:
+        """Add ``n`` to the per-step tally of ``outcome``."""
+        tally = self.by_step.setdefault(step, {})
+        tally[outcome] = tally.get(outcome, 0) + n
+
+    def note_error(self, message: str) -> None:
+        """Keep a bounded sample of failure messages."""
+        if len(self.errors) < 20:
+            self.errors.append(message)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Everything in the report as plain data."""
+        return {
+            "playbook": self.playbook,
+            "partition_key": self.partition_key,
+            "started": self.started,
+            "advanced": self.advanced,
+            "steps_delivered": self.steps_delivered,
+            "steps_skipped": self.steps_skipped,
+            "waiting": self.waiting,
+            "running": self.running,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "escalated": self.escalated,
+            "next_due": self.next_due.isoformat() if self.next_due else None,
+            "by_step": {k: dict(v) for k, v in self.by_step.items()},
+            "errors": list(self.errors),
+            "duration_seconds": self.duration_seconds,
+        }
+
+
+@dataclass
+class _Instance:
+    """A claimed instance while it is advanced (mirrors its ledger row)."""
+
+    instance_id: str
+    playbook_version: str
+    workflow: str
+    insight: str
+    partition_key: str
+    entity_id: str
+    rule: str
+    state: str
+    step_index: int
+    attempt: int
+    step_started_at: datetime | None
+    next_due: datetime | None
+    outputs: dict[str, Any]
+    log: list[dict[str, Any]]
+    data: dict[str, Any]
+    error: str | None = None
+    finished_at: datetime | None = None
+    # Stop moving this instance in this call (waiting, finished, or its step is held elsewhere).
+    parked: bool = False
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> "_Instance":
+        return cls(
+            instance_id=row["instance_id"],
+            playbook_version=row["playbook_version"],
+            workflow=row["workflow"],
+            insight=row["insight"],
+            partition_key=row["partition_key"],
+            entity_id=row["entity_id"],
+            rule=row["rule"],
+            state=row["state"],
+            step_index=int(row["step_index"]),
+            attempt=int(row["attempt"]),
+            step_started_at=_aware(row["step_started_at"]),
+            next_due=_aware(row["next_due"]),
+            outputs=payload.loads(row["outputs"]),
+            log=list(payload.loads_value(row["log"], [])),
+            data=payload.loads(row["data"]),
+        )
+
+    def saved(self, workflow: Workflow | None) -> dict[str, Any]:
+        finished = self.state in (SUCCEEDED, FAILED) or workflow is None
+        current = None
+        if workflow is not None and not finished:
+            steps = workflow.on_failure_steps if self.state == FAILING else workflow.steps
+            current = steps[self.step_index].name if self.step_index < len(steps) else None
+        return {
+            "instance_id": self.instance_id,
+            "state": self.state,
+            "step": None if finished else current,
+            "step_index": self.step_index,
+            "attempt": self.attempt,
+            "step_started_at": self.step_started_at,
+            "next_due": None if finished else self.next_due,
+            "outputs": payload.dumps(self.outputs),
+            "log": payload.dumps_value(self.log[-_MAX_LOG:]),
+            "error": self.error,
+            "finished_at": self.finished_at,
+        }
+
+
+def _aware(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    stamp = pd.Timestamp(value)
+    if stamp.tzinfo is None:
+        stamp = stamp.tz_localize(UTC)
+    return stamp.to_pydatetime()
+
+
+def advance_workflows(
+    *,
+    playbook: Playbook,
+    ledger: ActionLedger,
+    channels: Mapping[str, Channel],
+    partition_key: str | None = None,
+    run_id: str | None = None,
+    lease_seconds: float = 60.0,
+    max_instances: int | None = None,
+    log: logging.Logger | Any | None = None,
+) -> WorkflowReport:
+    """Advance every due workflow instance of a playbook as far as it can go now.
+
+    Call it from a sensor-requested run, a schedule or a loop; it returns when no claimed instance
+    can move further now (each is finished, or waiting in the ledger until it is next due).
+
+    Args:
+        playbook: The playbook whose workflows to advance.
+        ledger: The action ledger; its ``clock`` decides what is due.
+        channels: Channel per action name, for every step's action.
+        partition_key: Advance only this partition's instances (None: every partition).
+        run_id: Recorded with every step attempt (the Dagster run id, for lineage).
+        lease_seconds: How long a claim on an instance or a step holds without being saved.
+        max_instances: Stop after claiming this many instances (None: all that are due).
+        log: Logger (a ``logging.Logger`` or Dagster's ``context.log``).
+
+    Returns:
+        The :class:`WorkflowReport`.
+
+    Raises:
+        PlanError: A step's action has no channel.
+        LedgerError: The ledger cannot be read or written.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError(
+            "advance_workflows() was called inside an event loop; await advance_workflows_async()"
+        )
+    return asyncio.run(
+        advance_workflows_async(
+            playbook=playbook,
+            ledger=ledger,
+            channels=channels,
+            partition_key=partition_key,
+            run_id=run_id,
+            lease_seconds=lease_seconds,
+            max_instances=max_instances,
+            log=log,
+        )
+    )
+
+
+async def advance_workflows_async(
+    *,
+    playbook: Playbook,
+    ledger: ActionLedger,
+    channels: Mapping[str, Channel],
+    partition_key: str | None = None,
+    run_id: str | None = None,
+    lease_seconds: float = 60.0,
+    max_instances: int | None = None,
+    log: logging.Logger | Any | None = None,
+    report: WorkflowReport | None = None,
+) -> WorkflowReport:
+    """Async form of :func:`advance_workflows`, with the same arguments and behaviour."""
+    started = time.perf_counter()
+    check_workflow_channels(playbook, channels)
+    out = log or logger
+    report = report or WorkflowReport(playbook=playbook.name, partition_key=partition_key)
+    if not playbook.workflows:
+        return report
+    paused = await asyncio.to_thread(ledger.pause_reason, playbook.name)
+    if paused:
+        out.warning(f"{playbook.name}: workflows not advanced, {paused}")
+        return report
+    advancer = _Advancer(
+        playbook=playbook,
+        ledger=ledger,
+        channels=channels,
+        report=report,
+        run_id=run_id,
+        lease_seconds=lease_seconds,
+        log=out,
+    )
+    seen: set[str] = set()
+    while max_instances is None or len(seen) < max_instances:
+        limit = BATCH if max_instances is None else min(BATCH, max_instances - len(seen))
+        claimed = await asyncio.to_thread(
+            ledger.claim_instances,
+            playbook=playbook.name,
+            worker=advancer.worker,
+            lease_seconds=lease_seconds,
+            partition_key=partition_key,
+            limit=limit,
+        )
+        fresh = [row for row in claimed if row["instance_id"] not in seen]
+        again = [row["instance_id"] for row in claimed if row["instance_id"] in seen]
+        if again:
+            # Due again within this call (held by another worker): leave them to a later run.
+            await asyncio.to_thread(ledger.release_instances, again, worker=advancer.worker)
+        if not fresh:
+            break
+        seen.update(row["instance_id"] for row in fresh)
+        await advancer.advance([_Instance.from_row(row) for row in fresh])
+    report.duration_seconds += time.perf_counter() - started
+    if report.advanced:
+        out.info(
+            f"{playbook.name} workflows [{partition_key or 'all partitions'}]: "
+            f"{report.advanced:,} advanced, {report.steps_delivered:,} steps delivered, "
+            f"{report.succeeded:,} succeeded, {report.failed:,} failed, {report.waiting:,} waiting"
+            + (f" (next due {report.next_due:%Y-%m-%d %H:%M:%S} UTC)" if report.next_due else "")
+        )
+    return report
+
+
+def check_workflow_channels(playbook: Playbook, channels: Mapping[str, Channel]) -> None:
+    """Every step's action has a channel.
+
+    Raises:
+        PlanError: Naming each step whose action has no channel.
+    """
+    missing = [
+        f"{step.action!r} (workflow {name!r}, step {step.name!r})"
+        for name, workflow in playbook.workflows.items()
+        for step in [*workflow.steps, *workflow.on_failure_steps]
+        if step.action is not None and step.action not in channels
+    ]
+    if missing:
+        raise PlanError(
+            f"no channel for step action(s) {'; '.join(missing)}; channels given: "
+            f"{sorted(channels) or 'none'}"
+        )
+
+
+class _Advancer:
+    """Moves claimed instances step by step, one round per step, and saves them."""
+
+    def __init__(
+        self,
+        *,
+        playbook: Playbook,
+        ledger: ActionLedger,
+        channels: Mapping[str, Channel],
+        report: WorkflowReport,
+        run_id: str | None,
+        lease_seconds: float,
+        log: Any,
+    ):
+        self.playbook = playbook
+        self.ledger = ledger
+        self.channels = channels
+        self.report = report
+        self.run_id = run_id
+        self.lease_seconds = lease_seconds
+        self.log = log
+        self.worker = new_worker_id()
+
+    def _steps(self, instance: _Instance) -> list[Step]:
+        workflow = self.playbook.workflows[instance.workflow]
+        return workflow.on_failure_steps if instance.state == FAILING else workflow.steps
+
+    async def advance(self, instances: list[_Instance]) -> None:
+        self.report.advanced += len(instances)
+        unknown = [i for i in instances if i.workflow not in self.playbook.workflows]
+        for instance in unknown:
+            # The playbook no longer defines the workflow this instance runs: a person decides.
+            self._finish_failed(instance, f"workflow {instance.workflow!r} is no longer defined")
+        for _ in range(_MAX_ROUNDS):
+            now = self.ledger.clock()
+            moving = [
+                i
+                for i in instances
+                if not i.parked
+                and i.state in (RUNNING, WAITING, FAILING)
+                and (i.next_due is None or i.next_due <= now)
+            ]
+            if not moving:
+                break
+            await self._round(moving, now)
+        escalations = [i for i in instances if i.state == FAILED and i.finished_at is not None]
+        await asyncio.to_thread(self._escalate, escalations)
+        updates = [i.saved(self.playbook.workflows.get(i.workflow)) for i in instances]
+        await asyncio.to_thread(self.ledger.save_instances, updates, worker=self.worker)
+        for instance in instances:
+            if instance.state == WAITING and instance.next_due is not None:
+                self.report.waiting += 1
+                if self.report.next_due is None or instance.next_due < self.report.next_due:
+                    self.report.next_due = instance.next_due
+            elif instance.state in (RUNNING, FAILING):
+                self.report.running += 1
+
+    async def _round(self, moving: list[_Instance], now: datetime) -> None:
+        groups: dict[tuple[str, str, int], list[_Instance]] = {}
+        for instance in moving:
+            steps = self._steps(instance)
+            if instance.step_index >= len(steps):
+                self._end_of_steps(instance, now)
+                continue
+            groups.setdefault(
+                (
+                    instance.workflow,
+                    (instance.state == FAILING and "f") or "m",
+                    instance.step_index,
+                ),
+                [],
+            ).append(instance)
+        deliveries: list[tuple[_Instance, Step]] = []
+        for (_workflow, _phase, _index), members in groups.items():
+            step = self._steps(members[0])[members[0].step_index]
+            runnable = self._apply_when(step, members, now)
+            for instance in runnable:
+                if step.kind == "timer":
+                    self._timer(step, instance, now)
+                else:
+                    deliveries.append((instance, step))
+        if deliveries:
+            await self._deliver(deliveries, now)
+
+    # -- conditions ---------------------------------------------------------------------------
+
+    def _frame(self, members: Sequence[_Instance]) -> pd.DataFrame:
+        rows = []
+        for instance in members:
+            row = dict(instance.data)
+            for step_name, output in instance.outputs.items():
+                if isinstance(output, Mapping):
+                    for name, value in output.items():
+                        row[f"{step_name}.{name}"] = value
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def _evaluate(
+        self, step: Step, field_name: str, members: list[_Instance]
+    ) -> tuple[list[_Instance], list[_Instance]]:
+        """(where the condition holds, where it does not); instances missing a field it reads
+        fail with a message naming the field, and are in neither list."""
+        source = getattr(step, field_name)
+        parsed = parse_expression(source, rule=f"{step.name}.{field_name}")
+        ok: list[_Instance] = []
+        for instance in members:
+            missing = self._missing_fields(parsed.columns, instance)
+            if missing:
+                self._fail(
+                    instance,
+                    step,
+                    f"step {step.name!r}: {field_name!r} reads {', '.join(missing)}, which "
+                    f"the instance does not have",
+                    self.ledger.clock(),
+                )
+            else:
+                ok.append(instance)
+        if not ok:
+            return [], []
+        frame = self._frame(ok)
+        try:
+            result = frame.eval(source, engine="python")
+        except Exception as exc:
+            for instance in ok:
+                self._fail(
+                    instance,
+                    step,
+                    f"step {step.name!r}: {field_name!r} failed to evaluate: {exc}",
+                    self.ledger.clock(),
+                )
+            return [], []
+        if isinstance(result, pd.Series):
+            mask = result.fillna(False).astype(bool).tolist()
+        else:
+            mask = [bool(result)] * len(ok)
+        holds = [i for i, m in zip(ok, mask, strict=True) if m]
+        fails = [i for i, m in zip(ok, mask, strict=True) if not m]
+        return holds, fails
+
+    @staticmethod
+    def _missing_fields(columns: frozenset[str], instance: _Instance) -> list[str]:
+        missing = []
+        for column in sorted(columns):
+            if column in instance.data:
+                continue
+            step_name, dot, name = column.partition(".")
+            output = instance.outputs.get(step_name) if dot else None
+            if not dot:
+                missing.append(f"column {column!r}")
+            elif not isinstance(output, Mapping):
+                missing.append(f"{column!r} (step {step_name!r} has no output)")
+            elif name not in output:
+                missing.append(
+                    f"{column!r} (the output of step {step_name!r} has no field {name!r}; it has "
+                    f"{sorted(output)})"
+                )
+        return missing
+
+    def _apply_when(self, step: Step, members: list[_Instance], now: datetime) -> list[_Instance]:
+        if step.when is None:
+            return members
+        # A poll or timer in progress already passed its 'when'.
+        started = [i for i in members if i.attempt > 0 or i.step_started_at is not None]
+        fresh = [i for i in members if not (i.attempt > 0 or i.step_started_at is not None)]
+        if not fresh:
+            return started
+        holds, fails = self._evaluate(step, "when", fresh)
+        for instance in fails:
+            self._log(instance, step, SKIPPED, "its 'when' did not hold", now)
+            self.report.steps_skipped += 1
+            self.report.count(step.name, "skipped")
+            self._next_step(instance, now)
+        return started + holds
+
+    # -- timers -------------------------------------------------------------------------------
+
+    def _timer(self, step: Step, instance: _Instance, now: datetime) -> None:
+        if instance.step_started_at is not None:
+            self._log(instance, step, SUCCEEDED, "timer elapsed", now)
+            self.report.count(step.name, "elapsed")
+            self._next_step(instance, now)
+            return
+        if step.wait_until is not None:
+            raw = instance.data.get(step.wait_until)
+            due = _aware(raw) if raw is not None else None
+            if due is None:
+                self._fail(
+                    instance, step, f"step {step.name!r}: column {step.wait_until!r} is empty", now
+                )
+                return
+        else:
+            wait = step.wait_for
+            assert wait is not None
+            due = now + wait
+        instance.step_started_at = now
+        if due <= now:
+            self._log(instance, step, SUCCEEDED, "timer already elapsed", now)
+            self._next_step(instance, now)
+            return
+        self._wait(instance, due)
+        self.report.count(step.name, "waiting")
+
+    # -- actions and polls --------------------------------------------------------------------
+
+    async def _deliver(self, deliveries: list[tuple[_Instance, Step]], now: datetime) -> None:
+        for instance, _step in deliveries:
+            if instance.step_started_at is None:
+                instance.step_started_at = now
+            instance.attempt = max(instance.attempt, 1)
+        by_step: dict[str, list[tuple[_Instance, Step]]] = {}
+        for instance, step in deliveries:
+            by_step.setdefault(step.name, []).append((instance, step))
+        keyed: list[tuple[_Instance, Step, str]] = []
+        for step_name, members in by_step.items():
+            keys = step_keys(
+                instance_ids=[i.instance_id for i, _ in members],
+                step=step_name,
+                attempts=[i.attempt for i, _ in members],
+            )
+            keyed.extend((i, s, k) for (i, s), k in zip(members, keys, strict=True))
+        to_send = await asyncio.to_thread(self._reserve, keyed)
+        if to_send:
+            engine = DeliveryEngine(
+                ledger=self.ledger,
+                channels=self.channels,
+                report=ExecutionReport(
+                    playbook=self.playbook.name,
+                    playbook_version=self.playbook.effective_version,
+                    insight="",
+                    partition_key="",
+                ),
+                playbook=self.playbook.name,
+                partition_key=self.report.partition_key or "",
+                run_id=self.run_id,
+                lease_seconds=self.lease_seconds,
+                progress_interval=5.0,
+                on_progress=None,
+                log=self.log,
+                escalate_failures=False,
+            )
+            await engine.run(to_send)
+            self.report.steps_delivered += engine.report.succeeded + engine.report.failed
+        outcomes = await asyncio.to_thread(self.ledger.step_outcomes, [k for _, _, k in keyed])
+        moment = self.ledger.clock()
+        polled: dict[str, list[_Instance]] = {}
+        for instance, step, key in keyed:
+            state, output, error = outcomes.get(key, (RESERVED, None, None))
+            if state == SUCCEEDED:
+                instance.outputs[step.name] = payload.loads(output) if output else {}
+                self._log(instance, step, SUCCEEDED, f"attempt {instance.attempt}", moment)
+                self.report.count(step.name, "delivered")
+                if step.kind == "poll":
+                    polled.setdefault(step.name, []).append(instance)
+                else:
+                    self._next_step(instance, moment)
+            elif state in FINAL_STATES:
+                self._fail(instance, step, error or f"step {step.name!r} ended {state}", moment)
+            else:
+                # Held by another live worker, or paused: look again later, repeat nothing.
+                self._wait(instance, moment + _HELD_RETRY, state=instance.state)
+                instance.parked = True
+        for members in polled.values():
+            step = self._steps(members[0])[members[0].step_index]
+            self._until(step, members, moment)
+
+    def _reserve(self, keyed: list[tuple[_Instance, Step, str]]) -> dict[str, list[str]]:
+        rows = []
+        for instance, step, key in keyed:
+            assert step.action is not None
+            rows.append(
+                {
+                    "idempotency_key": key,
+                    "playbook": self.playbook.name,
+                    "playbook_version": instance.playbook_version,
+                    "insight": instance.insight,
+                    "partition_key": instance.partition_key,
+                    "entity_id": instance.entity_id,
+                    "rule": instance.rule,
+                    "action": step.action,
+                    "decision": "step",
+                    "state": RESERVED,
+                    "delivery": self.channels[step.action].delivery,
+                    "run_id": self.run_id,
+                    "instance_id": instance.instance_id,
+                    "step": step.name,
+                    "detail": None,
+                    "data": {
+                        **instance.data,
+                        "entity_id": instance.entity_id,
+                        "workflow": instance.workflow,
+                        "step": step.name,
+                        "attempt": instance.attempt,
+                        "steps": instance.outputs,
+                    },
+                }
+            )
+        self.ledger.reserve(rows)
+        keys = [k for _, _, k in keyed]
+        states = self.ledger.states(keys)
+        unfinished = [k for k in keys if states.get(k, (RESERVED, None))[0] not in FINAL_STATES]
+        recovered = self.ledger.recover(unfinished) if unfinished else {}
+        at_most_once = [k for k, mode in recovered.items() if mode == "at_most_once"]
+        if at_most_once:
+            # Not resent: the step fails, and the workflow escalates with the evidence.
+            self.ledger.escalate_actions(
+                at_most_once,
+                kind="in_doubt",
+                reason="in doubt after a crash; at-most-once step not resent, please reconcile",
+                context={},
+                from_states=(IN_DOUBT,),
+            )
+        to_send: dict[str, list[str]] = {}
+        gone = set(at_most_once)
+        for _instance, step, key in keyed:
+            if key in unfinished and key not in gone:
+                assert step.action is not None
+                to_send.setdefault(step.action, []).append(key)
+        return to_send
+
+    def _until(self, step: Step, members: list[_Instance], now: datetime) -> None:
+        holds, not_yet = self._evaluate(step, "until", members)
+        for instance in holds:
+            self._next_step(instance, now)
+        timeout = step.poll_timeout
+        assert timeout is not None
+        for instance in not_yet:
+            started = instance.step_started_at or now
+            next_attempt = now + step.poll_every
+            if next_attempt - started > timeout:
+                last = instance.outputs.get(step.name)
+                self._fail(
+                    instance,
+                    step,
+                    f"step {step.name!r}: poll timed out after {instance.attempt} attempt(s) "
+                    f"over {timeout}: {step.until} never held (last output: {last})",
+                    now,
+                )
+                continue
+            instance.attempt += 1
+            self._wait(instance, next_attempt)
+            self.report.count(step.name, "waiting")
+
+    # -- moving on ----------------------------------------------------------------------------
+
+    def _wait(self, instance: _Instance, due: datetime, *, state: str = WAITING) -> None:
+        instance.state = state if instance.state != FAILING else FAILING
+        instance.next_due = due
+        instance.parked = True
+
+    def _next_step(self, instance: _Instance, now: datetime) -> None:
+        instance.step_index += 1
+        instance.attempt = 0
+        instance.step_started_at = None
+        instance.next_due = now
+        if instance.state == WAITING:
+            instance.state = RUNNING
+        if instance.step_index >= len(self._steps(instance)):
+            self._end_of_steps(instance, now)
+
+    def _end_of_steps(self, instance: _Instance, now: datetime) -> None:
+        if instance.state == FAILING:
+            self._finish_failed(instance, instance.error or "the workflow failed")
+            return
+        instance.state = SUCCEEDED
+        instance.finished_at = now
+        instance.parked = True
+        self.report.succeeded += 1
+
+    def _fail(self, instance: _Instance, step: Step, error: str, now: datetime) -> None:
+        self._log(instance, step, FAILED, error, now)
+        self.report.count(step.name, "failed")
+        self.report.note_error(error)
+        workflow = self.playbook.workflows[instance.workflow]
+        if instance.state != FAILING and workflow.on_failure_steps:
+            instance.state = FAILING
+            instance.error = error
+            instance.step_index = 0
+            instance.attempt = 0
+            instance.step_started_at = None
+            instance.next_due = now
+            return
+        if instance.state != FAILING:
+            instance.error = error
+        self._finish_failed(instance, instance.error or error)
+
+    def _finish_failed(self, instance: _Instance, error: str) -> None:
+        instance.state = FAILED
+        instance.error = error
+        instance.finished_at = self.ledger.clock()
+        instance.parked = True
+        self.report.failed += 1
+
+    def _log(
+        self, instance: _Instance, step: Step, outcome: str, detail: str, now: datetime
+    ) -> None:
+        instance.log.append(
+            {
+                "step": step.name,
+                "outcome": outcome,
+                "attempt": instance.attempt,
+                "at": now.isoformat(),
+                "detail": detail[:500],
+            }
+        )
+
+    def _escalate(self, failed: list[_Instance]) -> None:
+        if not failed:
+            return
+        rows = []
+        for instance in failed:
+            workflow = self.playbook.workflows.get(instance.workflow)
+            reason = workflow.on_failure if workflow is not None else "The workflow failed"
+            rows.append(
+                {
+                    "idempotency_key": instance.instance_id,
+                    "playbook": self.playbook.name,
+                    "playbook_version": instance.playbook_version,
+                    "insight": instance.insight,
+                    "partition_key": instance.partition_key,
+                    "entity_id": instance.entity_id,
+                    "rule": instance.rule,
+                    "kind": "workflow_failed",
+                    "reason": f"{reason}: {instance.error}" if instance.error else reason,
+                    "data": {
+                        **instance.data,
+                        "workflow": instance.workflow,
+                        "evidence": instance.log,
+                        "outputs": instance.outputs,
+                    },
+                }
+            )
+        opened = self.ledger.open_escalations(rows)
+        self.report.escalated += len(opened)
+
+
+def workflow_of(playbook: Playbook, rule: str) -> Workflow:
+    """The workflow a rule starts.
+
+    Raises:
+        PlaybookError: The rule starts no workflow.
+    """
+    name = playbook.rule(rule).workflow
+    if name is None:
+        raise PlaybookError(f"rule {rule!r} starts no workflow")
+    return playbook.workflows[name]
