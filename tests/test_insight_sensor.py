@@ -461,3 +461,38 @@ def test_the_schedule_requests_only_partitions_with_work_not_yet_done(
     data = _evaluate(defs, instance, dt.datetime(2026, 11, 5, 6, tzinfo=dt.UTC))
 
     assert [r.partition_key for r in data.run_requests or []] == ["emea", "apac"]
+
+
+def test_a_paused_playbook_skips_with_the_reason_and_resume_requests_what_it_interrupted(
+    tmp_path: Path,
+) -> None:
+    project = make_project(tmp_path, {"p1": churn_scores(300), "p2": churn_scores(300, seed=2)})
+    project.materialize_insight("p1")
+    first = tick(project)
+    (request,) = first.run_requests or []
+    project.ledger.pause(PLAYBOOK, reason="incident 42: CRM is down", by="ana")
+    # The run the sensor requested before the pause stops at its execute step.
+    assert not project.run("p1").success
+    project.materialize_insight("p2")
+
+    paused = tick(project, first.cursor)
+
+    assert not paused.run_requests
+    message = paused.skip_message or ""
+    assert f"playbook {PLAYBOOK!r} is paused by ana: incident 42: CRM is down" in message
+    assert "1 new materialization(s) of churn_scores wait" in message
+    assert paused.cursor == first.cursor  # nothing consumed while paused
+
+    project.ledger.resume(PLAYBOOK, by="ana")
+    resumed = tick(project, paused.cursor)
+
+    requested = {r.partition_key: r for r in resumed.run_requests or []}
+    assert set(requested) == {"p1", "p2"}
+    assert requested["p1"].tags["autoexec/resumed"] == "true"
+    assert requested["p1"].run_key != request.run_key
+    # Once answered, the same resume is not answered again.
+    assert not tick(project, resumed.cursor).run_requests
+    for partition in ("p1", "p2"):
+        assert project.run(partition).success
+    acts = sum(int((project.expected_plan(p)["decision"] == "act").sum()) for p in ("p1", "p2"))
+    assert len(project.recorder.keys) == len(set(project.recorder.keys)) == acts

@@ -58,6 +58,7 @@ from autoexec_dagster.routing import route
 PLAN, ACTIONS, ESCALATIONS = "plan", "actions", "escalations"
 # The routed plan handed from the route step to the execute step (not an asset).
 ROUTED = "routed_plan"
+PAUSED_RUN_TAG = "autoexec/paused"
 
 
 class ExecuteFn(Protocol):
@@ -277,6 +278,8 @@ def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
         except AutoexecError as exc:
             raise _failure(str(exc), playbook=name, partition=partition) from None
         if report.paused_reason:
+            # The sensor finds the runs a pause interrupted by this tag once the pause is lifted.
+            context.instance.add_run_tags(context.run_id, {PAUSED_RUN_TAG: "true"})
             raise dg.Failure(
                 description=f"{name} [{partition or '-'}]: {report.paused_reason}. "
                 f"{report.pending:,} action(s) were not sent. Lift the pause (`autoexec status`, "

@@ -23,12 +23,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 import pandas as pd
 
-from autoexec_dagster.dagster.execution_assets import ExecutionSetup
+from autoexec_dagster.dagster.execution_assets import PAUSED_RUN_TAG, ExecutionSetup
 from autoexec_dagster.dagster.insight_checks import as_insight_frame
 from autoexec_dagster.errors import AutoexecError
 from autoexec_dagster.playbook import Playbook
@@ -197,6 +198,20 @@ def build_insight_sensor(
             context.log.warning(f"{playbook.name}: cannot read the kill switch ({exc})")
             return None, None
 
+    def paused_runs(context: dg.SensorEvaluationContext, *, since: float) -> set[str]:
+        # A run stopped by the pause before it reserved anything leaves no trace in the ledger;
+        # its execute step tagged the run instead.
+        runs = context.instance.get_runs(
+            dg.RunsFilter(
+                job_name=job.name,
+                statuses=[dg.DagsterRunStatus.FAILURE],
+                tags={PAUSED_RUN_TAG: "true"},
+                created_after=datetime.fromtimestamp(since, UTC) if since else None,
+            ),
+            limit=MAX_RECORDS_PER_TICK,
+        )
+        return {run.tags.get("dagster/partition", "") for run in runs}
+
     @dg.sensor(
         name=f"{playbook.name}_sensor",
         job=job,
@@ -238,7 +253,10 @@ def build_insight_sensor(
             lifted = book.last_resumed_at(playbook.name)
             stamp = lifted.timestamp() if lifted is not None else 0.0
             if stamp > cursor.resumed_at:
-                interrupted = book.partitions_with_pending_work(playbook=playbook.name)
+                interrupted = sorted(
+                    set(book.partitions_with_pending_work(playbook=playbook.name))
+                    | paused_runs(context, since=cursor.resumed_at)
+                )
                 for partition in interrupted:
                     requests.append(
                         dg.RunRequest(
