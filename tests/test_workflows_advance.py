@@ -26,7 +26,7 @@ from autoexec_dagster import (
     execute_plan,
     route,
 )
-from autoexec_dagster.errors import PermanentChannelError, PlanError
+from autoexec_dagster.errors import PermanentChannelError, PlanError, PlaybookError
 from autoexec_dagster.playbook import Guardrails
 
 HOUR = "2026-12-01T10:00"
@@ -351,3 +351,71 @@ def test_a_rule_naming_an_unknown_workflow_and_an_unused_workflow(recwarn):
             rules=[Rule(name="r", when="x > 1", action="a")],
             workflows={"spare": Workflow(steps=[Step(name="s", action="a")])},
         )
+
+
+def test_templates_read_earlier_steps_outputs_over_real_smtp(tmp_path):
+    from autoexec_dagster import EmailChannel
+    from tests.receivers import SmtpSink
+
+    clock = Clock(START)
+    ledger = ActionLedger(f"sqlite:///{tmp_path / 'ledger.db'}", clock=clock)
+    frame = pd.DataFrame(
+        {
+            "host_id": ["web-0001"],
+            "role": ["web"],
+            "anomaly_score": [0.9],
+            "owner": ["ops@example.com"],
+        }
+    )
+    fleet = Fleet(clock=clock, causes={"web-0001": "disk_full"})
+    playbook = Playbook(
+        name="host_remediation",
+        entity_key="host_id",
+        rules=[Rule(name="anomalous", when="anomaly_score >= 0.8", workflow="tell")],
+        workflows={
+            "tell": Workflow(
+                steps=[
+                    Step(name="diagnose", action="run_diagnostics"),
+                    Step(name="notify", action="notify_owner"),
+                ]
+            )
+        },
+        guardrails=Guardrails(max_flagged_fraction=1.0),
+    )
+    with SmtpSink() as sink:
+        channels = {
+            "run_diagnostics": fleet.channel("run_diagnostics"),
+            "notify_owner": EmailChannel(
+                host="127.0.0.1",
+                port=sink.port,
+                sender="remediation@example.com",
+                to_column="owner",
+                subject="{{ entity_id }}: {{ steps.diagnose.cause }}",
+                template="Diagnosis of {{ entity_id }}: {{ steps.diagnose.cause }}.",
+            ),
+        }
+        report = execute_plan(
+            route(frame, playbook, partition_key=HOUR),
+            playbook=playbook,
+            ledger=ledger,
+            channels=channels,
+        )
+        assert report.workflows is not None and report.workflows.succeeded == 1
+        assert sink.wait_for_messages(1)
+        (mail,) = sink.messages
+    assert mail.message["Subject"] == "web-0001: disk_full"
+    assert mail.recipients == ("ops@example.com",)
+
+
+def test_yaml_playbooks_express_workflows_with_durations(tmp_path):
+    source = remediation_playbook()
+    path = tmp_path / "playbook.yaml"
+    path.write_text(source.to_yaml())
+    text = path.read_text()
+    assert "every: 30s" in text and "timeout: 10m" in text
+    assert Playbook.from_yaml(path) == source
+    path.write_text(text.replace("timeout: 10m", "timeout: ten minutes"))
+    with pytest.raises(
+        PlaybookError, match=r"workflows\.remediate\.steps\.4\.timeout.*not a duration"
+    ):
+        Playbook.from_yaml(path)
