@@ -162,6 +162,17 @@ class WorkflowStore(LedgerBase):
                 written += max(result.rowcount or 0, 0)
         return written
 
+    def heartbeat_instances(self, *, worker: str, lease_seconds: float) -> int:
+        """Extend the lease of every instance this worker holds; returns how many."""
+        t = schema.workflow_instances
+        with self._write("extend workflow leases") as conn:
+            result = conn.execute(
+                sa.update(t)
+                .where(t.c.worker == worker)
+                .values(lease_expires_at=time.time() + lease_seconds)
+            )
+            return result.rowcount or 0
+
     def release_instances(self, instance_ids: Sequence[str], *, worker: str) -> None:
         """Give claimed instances back unchanged (e.g. their step is held by another worker)."""
         t = schema.workflow_instances

@@ -10,6 +10,7 @@ process or thread waits for it.
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -360,6 +361,25 @@ class _Advancer:
         return workflow.on_failure_steps if instance.state == FAILING else workflow.steps
 
     async def advance(self, instances: list[_Instance]) -> None:
+        """Move claimed instances as far as they go now and save them, keeping their lease."""
+        beat = asyncio.create_task(self._heartbeat())
+        try:
+            await self._advance(instances)
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat  # a heartbeat failure that landed just now is raised, not dropped
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.5, self.lease_seconds / 3))
+            await asyncio.to_thread(
+                self.ledger.heartbeat_instances,
+                worker=self.worker,
+                lease_seconds=self.lease_seconds,
+            )
+
+    async def _advance(self, instances: list[_Instance]) -> None:
         self.report.advanced += len(instances)
         unknown = [i for i in instances if i.workflow not in self.playbook.workflows]
         for instance in unknown:
