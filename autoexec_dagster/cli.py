@@ -10,7 +10,9 @@
     autoexec status                                     the kill switch
 
 Every command takes ``--ledger URL``; without it, ``$AUTOEXEC_LEDGER_URL``, then the default the
-Dagster integration uses (``autoexec_ledger.db`` in ``$DAGSTER_HOME``, else the working directory).
+Dagster integration uses (``autoexec_ledger.db`` in ``$DAGSTER_HOME``, else the working
+directory), else ``var/autoexec_ledger.db`` in the working directory when it exists (where the
+reference deployment and ``make demo`` keep it).
 Errors are printed without a traceback and exit with status 2.
 """
 
@@ -26,7 +28,11 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from autoexec_dagster.dagster.ledger_resource import LEDGER_URL_ENV, default_ledger_url
+from autoexec_dagster.dagster.ledger_resource import (
+    LEDGER_FILE_NAME,
+    LEDGER_URL_ENV,
+    default_ledger_url,
+)
 from autoexec_dagster.dagster.metadata import escalations_frame, mask_emails
 from autoexec_dagster.errors import AutoexecError
 from autoexec_dagster.ledger.action_ledger import ActionLedger
@@ -55,9 +61,26 @@ def _ledger_option(fn: F) -> F:
     )(fn)
 
 
+def _default_url() -> str:
+    """The Dagster integration's default ledger, else ``var/autoexec_ledger.db`` if it exists.
+
+    ``var/`` is where a project keeps local state (the reference deployment and ``make demo``
+    write their ledger there), so ``autoexec summary`` run in the project folder finds it
+    without --ledger or $AUTOEXEC_LEDGER_URL.
+    """
+    url = default_ledger_url()
+    if os.environ.get(LEDGER_URL_ENV, "").strip():
+        return url
+    database = sa.make_url(url).database or ""
+    local = Path.cwd() / "var" / LEDGER_FILE_NAME
+    if not Path(database).exists() and local.exists():
+        return f"sqlite:///{local}"
+    return url
+
+
 def _open(ledger_url: str | None, *, must_exist: bool = True) -> ActionLedger:
     """Open the ledger; refuse to create an empty SQLite file for a command that only reads."""
-    url = ledger_url or default_ledger_url()
+    url = ledger_url or _default_url()
     try:
         parsed = sa.make_url(url)
     except (ArgumentError, ValueError) as exc:

@@ -217,3 +217,24 @@ def test_summary_counts_agree_with_the_metadata_and_the_check(tmp_path: Path) ->
     assert number("acted autonomously") == actions["succeeded"]
     assert number("failed") == actions["failed"] == 0
     assert f"Autonomy rate: {actions['autonomy_rate']:.1%}" in out
+
+
+def test_without_configuration_the_cli_finds_a_ledger_in_var(
+    ledger_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = tmp_path / "project"
+    (project / "var").mkdir(parents=True)
+    import sqlite3
+
+    # A consistent copy of the WAL-mode database (a file copy could miss the -wal part).
+    with (
+        sqlite3.connect(ledger_url.removeprefix("sqlite:///")) as src,
+        sqlite3.connect(project / "var" / "autoexec_ledger.db") as dst,
+    ):
+        src.backup(dst)
+    monkeypatch.chdir(project)
+
+    result = run("summary", "-p", PLAYBOOK, env={"AUTOEXEC_LEDGER_URL": "", "DAGSTER_HOME": ""})
+
+    assert result.exit_code == 0, result.output
+    assert "Autonomy rate" in result.output
