@@ -419,3 +419,37 @@ def test_yaml_playbooks_express_workflows_with_durations(tmp_path):
         PlaybookError, match=r"workflows\.remediate\.steps\.4\.timeout.*not a duration"
     ):
         Playbook.from_yaml(path)
+
+
+def test_an_entitys_history_and_cancelling_a_running_instance(tmp_path):
+    clock = Clock(START)
+    ledger = ActionLedger(f"sqlite:///{tmp_path / 'ledger.db'}", clock=clock)
+    frame = pd.DataFrame({"host_id": ["web-0001"], "role": ["web"], "anomaly_score": [0.95]})
+    fleet = Fleet(clock=clock, causes={"web-0001": "hardware"})
+    channels = {a: fleet.channel(a) for a in ACTIONS}
+    playbook = remediation_playbook()
+    execute_plan(
+        route(frame, playbook, partition_key=HOUR),
+        playbook=playbook,
+        ledger=ledger,
+        channels=channels,
+    )
+    (instance_id,) = ledger.instances(states=["waiting"])["instance_id"]
+    assert ledger.cancel_instances([instance_id], by="ana", reason="hardware ticket filed") == [
+        instance_id
+    ]
+    clock.advance(timedelta(minutes=5))
+    calls = len(fleet.calls)
+    report = advance_workflows(playbook=playbook, ledger=ledger, channels=channels)
+    assert report.advanced == 0 and len(fleet.calls) == calls  # a cancelled instance stays put
+    history = ledger.entity_history("web-0001")
+    steps = history["actions"].dropna(subset=["step"])
+    assert list(steps["step"]) == ["isolate", "diagnose", "verify"]
+    assert "hardware" in steps.loc[steps["step"] == "diagnose", "output"].iloc[0]
+    (row,) = history["workflows"].itertuples()
+    assert (row.state, row.cancelled_by, row.cancel_reason) == (
+        "cancelled",
+        "ana",
+        "hardware ticket filed",
+    )
+    assert ledger.cancel_instances([instance_id], by="ana", reason="again") == []

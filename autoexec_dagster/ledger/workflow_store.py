@@ -283,6 +283,37 @@ class WorkflowStore(LedgerBase):
         with self._read("count workflow instances") as conn:
             return {str(s): int(n) for s, n in conn.execute(query)}
 
+    def entity_history(
+        self, entity_id: str, *, playbook: str | None = None
+    ) -> dict[str, pd.DataFrame]:
+        """Everything the ledger holds about one entity, across partitions, oldest first.
+
+        Returns:
+            ``actions`` (every action and step attempt, with its outcome and output),
+            ``workflows`` (its instances with their log and outputs) and ``escalations``.
+        """
+        a, w, e = schema.actions, schema.workflow_instances, schema.escalations
+        action_columns = [c for c in a.c if c.name != "payload"]
+        queries = {
+            "actions": sa.select(*action_columns)
+            .where(a.c.entity_id == entity_id)
+            .order_by(a.c.created_at, a.c.idempotency_key),
+            "workflows": sa.select(w)
+            .where(w.c.entity_id == entity_id)
+            .order_by(w.c.created_at, w.c.instance_id),
+            "escalations": sa.select(e)
+            .where(e.c.entity_id == entity_id)
+            .order_by(e.c.created_at, e.c.idempotency_key),
+        }
+        tables = {"actions": a, "workflows": w, "escalations": e}
+        found: dict[str, pd.DataFrame] = {}
+        with self._read("read an entity's history") as conn:
+            for name, query in queries.items():
+                if playbook is not None:
+                    query = query.where(tables[name].c.playbook == playbook)
+                found[name] = pd.read_sql(query, conn)
+        return found
+
     def step_outcomes(self, keys: Sequence[str]) -> dict[str, tuple[str, str | None, str | None]]:
         """``(state, output JSON, error)`` of each existing step-attempt key."""
         t = schema.actions
