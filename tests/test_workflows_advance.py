@@ -160,9 +160,9 @@ def run_to_the_end(playbook, ledger, channels, clock) -> list[Any]:
     return reports
 
 
-def test_the_detection_action_loop_remediates_verifies_and_escalates_with_evidence(tmp_path):
+def test_the_detection_action_loop_remediates_verifies_and_escalates_with_evidence(ledger_url):
     clock = Clock(START)
-    ledger = ActionLedger(f"sqlite:///{tmp_path / 'ledger.db'}", clock=clock)
+    ledger = ActionLedger(ledger_url, clock=clock)
     frame, causes = hosts()
     fleet = Fleet(clock=clock, causes=causes)
     channels = {a: fleet.channel(a) for a in ACTIONS}
