@@ -354,3 +354,21 @@ def test_cooldown_does_not_repeat_an_action_sent_recently_for_another_partition(
     assert len(skipped) == first.succeeded
     assert skipped["detail"].str.startswith("cooldown: ").all()
     assert "not repeated" in second.summary_markdown()
+
+
+def test_the_sync_entry_points_refuse_a_running_event_loop(ledger):
+    import asyncio
+
+    from autoexec_dagster import advance_workflows
+
+    playbook = churn_playbook(max_flagged_fraction=0.9)
+    plan = route(churn_scores(10), playbook, partition_key=DAY)
+
+    async def inside() -> None:
+        with pytest.raises(RuntimeError, match=r"await execute_plan_async\(\)"):
+            execute_plan(plan, playbook=playbook, ledger=ledger, channels=_channels())
+        with pytest.raises(RuntimeError, match=r"await advance_workflows_async\(\)"):
+            advance_workflows(playbook=playbook, ledger=ledger, channels=_channels())
+
+    asyncio.run(inside())
+    assert ledger.summary().empty  # refused before anything was recorded

@@ -32,6 +32,7 @@ from autoexec_dagster.executor.guardrails import (
     escalate_batch,
     guardrail_violation,
 )
+from autoexec_dagster.executor.outside_loop import run_outside_loop
 from autoexec_dagster.executor.recording import entity_data, record_plan
 from autoexec_dagster.executor.report import ExecutionReport
 from autoexec_dagster.ledger.action_ledger import ActionLedger
@@ -94,15 +95,7 @@ def execute_plan(
         ChannelConfigError: A channel refuses a row (invalid address, host not allowed, ...).
         LedgerError: The ledger cannot be written.
     """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        raise RuntimeError(
-            "execute_plan() was called inside an event loop; await execute_plan_async()"
-        )
-    return asyncio.run(
+    return run_outside_loop(
         execute_plan_async(
             plan,
             playbook=playbook,
@@ -116,7 +109,8 @@ def execute_plan(
             progress_interval_seconds=progress_interval_seconds,
             on_progress=on_progress,
             log=log,
-        )
+        ),
+        name="execute_plan",
     )
 
 

@@ -23,6 +23,7 @@ import pandas as pd
 from autoexec_dagster.channels.base import Channel
 from autoexec_dagster.errors import PlanError, PlaybookError
 from autoexec_dagster.executor.delivery import DeliveryEngine
+from autoexec_dagster.executor.outside_loop import run_outside_loop
 from autoexec_dagster.executor.report import ExecutionReport
 from autoexec_dagster.expressions import parse_expression
 from autoexec_dagster.keys import step_keys
@@ -229,15 +230,7 @@ def advance_workflows(
         PlanError: A step's action has no channel.
         LedgerError: The ledger cannot be read or written.
     """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        raise RuntimeError(
-            "advance_workflows() was called inside an event loop; await advance_workflows_async()"
-        )
-    return asyncio.run(
+    return run_outside_loop(
         advance_workflows_async(
             playbook=playbook,
             ledger=ledger,
@@ -247,7 +240,8 @@ def advance_workflows(
             lease_seconds=lease_seconds,
             max_instances=max_instances,
             log=log,
-        )
+        ),
+        name="advance_workflows",
     )
 
 
