@@ -37,7 +37,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,12 +287,12 @@ def _emit(message: Mapping[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def _child(spec: Mapping[str, Any]) -> None:
+def _child(spec: Mapping[str, Any], trial: Callable[[Mapping[str, Any]], dict[str, Any]]) -> None:
     # The server's stdout is the protocol channel: the child's own output goes to stderr.
     os.dup2(2, 1)
     code = 1
     try:
-        outcome = run_trial(spec)
+        outcome = trial(spec)
         Path(spec["result_path"]).write_text(json.dumps(outcome, default=str))
         code = 0
     except BaseException:
@@ -302,8 +302,12 @@ def _child(spec: Mapping[str, Any]) -> None:
         os._exit(code)
 
 
-def serve() -> int:
-    """Fork one child per spec line on stdin; report its pid, then its exit and result."""
+def serve(trial: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None) -> int:
+    """Fork one child per spec line on stdin; report its pid, then its exit and result.
+
+    ``trial`` runs one spec in the child (default :func:`run_trial`); other worker modules
+    (e.g. ``tests.workflow_crash_worker``) serve their own trials through the same protocol.
+    """
     import autoexec_dagster  # noqa: F401  (paid once here, inherited by every child)
     import tests.delivery_worker  # noqa: F401
 
@@ -315,7 +319,7 @@ def serve() -> int:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            _child(spec)
+            _child(spec, trial or run_trial)
         _emit({"event": "started", "pid": pid})
         _, status = os.waitpid(pid, 0)
         path = Path(spec["result_path"])
@@ -356,13 +360,13 @@ class Trial:
 
 
 class ForkServer:
-    """The test side of ``python -m tests.crash_worker --serve``.
+    """The test side of ``python -m tests.crash_worker --serve`` (or ``module``'s ``--serve``).
 
     Every trial gets a deadline: a child that does not end in time is SIGKILLed by its pid and
     reported as timed out, so a hang fails the test instead of blocking the suite.
     """
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, *, module: str = "tests.crash_worker"):
         self.workdir = workdir
         self.log_path = workdir / "crash_worker.log"
         self._log = self.log_path.open("ab")
@@ -371,7 +375,8 @@ class ForkServer:
         # One BLAS thread: the server forks, and children must not inherit a thread pool.
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.crash_worker", "--serve"],
+            # ``module`` is any worker module whose ``--serve`` runs :func:`serve`.
+            [sys.executable, "-m", module, "--serve"],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
