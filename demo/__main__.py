@@ -61,7 +61,9 @@ class PartitionOutcome:
 
     Attributes:
         partition: The churn_scores partition.
-        flagged: Customers the playbook flagged (acted on, escalated or held out).
+        flagged: Customers the playbook flagged (acted on, escalated or held out), not
+            counting those still waiting on an escalation from an earlier day.
+        still_open: Flagged customers whose escalation from an earlier day is still open.
         sent: Delivered actions per action name.
         cooled_down: Actions not repeated because the customer got the same one recently.
         escalated: Escalations per reason.
@@ -75,6 +77,7 @@ class PartitionOutcome:
     sent: Counter[str] = field(default_factory=Counter)
     cooled_down: int = 0
     escalated: Counter[str] = field(default_factory=Counter)
+    still_open: int = 0
     held_out: int = 0
     failed: int = 0
     pending: int = 0
@@ -92,7 +95,8 @@ class PartitionOutcome:
 
     @classmethod
     def from_ledger(cls, ledger: "ActionLedger", partition: str) -> "PartitionOutcome":
-        """Read the partition's outcome from the ledger.
+        """Read the partition's outcome from the ledger, with the query the Dagster metadata
+        and ``autoexec summary`` use, so the three agree.
 
         Args:
             ledger: The action ledger.
@@ -101,26 +105,20 @@ class PartitionOutcome:
         Returns:
             The counts.
         """
+        totals = ledger.partition_outcome(playbook=PLAYBOOK, partition_key=partition)
         outcome = cls(partition)
-        summary = ledger.summary(playbook=PLAYBOOK, partition_key=partition)
-        for row in summary.to_dict("records"):
-            decision, state, count = str(row["decision"]), str(row["state"]), int(row["count"])
-            action = str(row["action"] or "")
-            if decision == "skip":
-                continue
-            outcome.flagged += count
-            if decision == "holdout":
-                outcome.held_out += count
-            elif decision == "act" and state == "succeeded":
-                outcome.sent[action] += count
-            elif decision == "act" and state == "skipped":
-                outcome.cooled_down += count
-            elif state == "failed":
-                outcome.failed += count
-            elif state in ("reserved", "sending", "in_doubt"):
-                outcome.pending += count
+        outcome.flagged = totals.flagged - totals.still_open
+        outcome.still_open = totals.still_open
+        for action, tally in totals.by_action.items():
+            if tally.get("succeeded"):
+                outcome.sent[action] = tally["succeeded"]
+        outcome.cooled_down = totals.cooled_down
+        outcome.held_out = totals.held_out
+        outcome.failed = totals.failed
+        outcome.pending = totals.pending
         escalations = ledger.escalations(playbook=PLAYBOOK, partition_key=partition, status=None)
-        outcome.escalated.update(str(reason) for reason in escalations["reason"])
+        rules = escalations[escalations["kind"] != "delivery_failed"]
+        outcome.escalated.update(str(reason) for reason in rules["reason"])
         return outcome
 
 
@@ -317,6 +315,14 @@ def print_summary(
     print(_count_line("escalated to a person", outcome.escalated.total()))
     for reason, n in outcome.escalated.most_common():
         print(f"      {n:>6,}  {reason}")
+    if outcome.still_open:
+        print(
+            _count_line(
+                "still with a person",
+                outcome.still_open,
+                "(escalated on an earlier day, not again)",
+            )
+        )
     print(_count_line("held out (control group)", outcome.held_out))
     print(_count_line("failed", outcome.failed))
     if outcome.pending:
@@ -329,10 +335,19 @@ def print_summary(
     print(f"CRM tasks: {crm_tasks:,} (SQLite table crm_tasks)")
     print()
     print("Look further:")
-    env = f"AUTOEXEC_LEDGER_URL={ledger_url}"
-    print(f"  {env} .venv/bin/autoexec summary --playbook {PLAYBOOK}")
-    print(f"  {env} .venv/bin/autoexec escalations --playbook {PLAYBOOK}")
+    # The CLI finds var/autoexec_ledger.db by itself when run from the project folder.
+    env = "" if ledger_url == _project_ledger_url() else f"AUTOEXEC_LEDGER_URL={ledger_url} "
+    print(
+        f"  {env}.venv/bin/autoexec summary --playbook {PLAYBOOK} --partition {outcome.partition}"
+    )
+    print(f"  {env}.venv/bin/autoexec escalations --playbook {PLAYBOOK}")
     print("  make ui    # the asset graph, run history and the churn_outreach/* metadata")
+
+
+def _project_ledger_url() -> str:
+    from demo import PROJECT_DIR
+
+    return f"sqlite:///{PROJECT_DIR / 'var' / 'autoexec_ledger.db'}"
 
 
 def check_deliveries(
