@@ -99,11 +99,11 @@ def test_hosts_are_remediated_verified_and_escalated_with_evidence(tmp_path, ano
     kinds = queue.groupby("kind")["entity_id"].apply(set).to_dict()
     assert kinds["rule"] == databases
     assert kinds.get("workflow_failed", set()) == hardware
-    for case in queue[queue["kind"] == "workflow_failed"].itertuples():
-        evidence = json.loads(case.data)
+    for case in queue[queue["kind"] == "workflow_failed"].to_dict("records"):
+        evidence = json.loads(str(case["data"]))
         assert evidence["outputs"]["diagnose"]["cause"] == "hardware"
         assert [e["step"] for e in evidence["evidence"]][-1] == "verify"
-        assert "poll timed out" in case.reason
+        assert "poll timed out" in str(case["reason"])
 
     # The API received each step of each host once per attempt: executed keys are the ledger's
     # succeeded step attempts, each executed once.
