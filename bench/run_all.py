@@ -6,7 +6,7 @@
 Prints each benchmark's figures (with its baseline, measured in the same run), then a compact
 table of targets, and exits 1 if a target is missed. Each benchmark also runs alone:
 ``python -m bench.bench_execution``, ``bench.bench_routing``, ``bench.bench_memory``,
-``bench.bench_sensor``.
+``bench.bench_sensor``, ``bench.bench_workflows``.
 """
 
 import argparse
@@ -96,10 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["execution", "routing", "memory", "sensor"],
+        choices=["execution", "routing", "memory", "sensor", "workflows"],
         help="run only these benchmarks",
     )
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    parser.add_argument(
+        "--workflow-instances",
+        type=int,
+        metavar="N",
+        help="workflow instances (and baseline actions) of the workflows benchmark "
+        "(default 100,000; 10,000 with --quick)",
+    )
     parser.add_argument(
         "--wait-quiet",
         type=float,
@@ -110,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # Imported after sys.path is set up; the routing module holds the shared helpers.
-    from bench import bench_execution, bench_memory, bench_routing, bench_sensor
+    from bench import bench_execution, bench_memory, bench_routing, bench_sensor, bench_workflows
 
-    selected = args.only or ["execution", "routing", "memory", "sensor"]
+    selected = args.only or ["execution", "routing", "memory", "sensor", "workflows"]
     started = time.perf_counter()
     print(f"autoexec_dagster benchmarks ({'quick smoke' if args.quick else 'full'})")
     print(f"  command: {sys.executable} {' '.join(sys.argv)}")
@@ -160,6 +167,18 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(bench_sensor.report(result)))
         results["sensor"] = result
         checks += bench_sensor.checks(result)
+    if "workflows" in selected:
+        print("\n== workflows: steps through a poll, and the due-work query ==", flush=True)
+        wait_until_quiet(args.wait_quiet)
+        result = bench_workflows.run(
+            instances=args.workflow_instances or (10_000 if args.quick else 100_000),
+            concurrency=256,
+            due_instances=200_000 if args.quick else 1_000_000,
+            due_repeats=5 if args.quick else 20,
+        )
+        print("\n".join(bench_workflows.report(result)))
+        results["workflows"] = result
+        checks += bench_workflows.checks(result)
 
     width = max(len(c.name) for c in checks)
     measured = max(len(c.measured) for c in checks)

@@ -2,6 +2,9 @@
 
 Every POST waits ``--latency-ms`` (20 ms by default, ``asyncio.sleep``) and answers 200. It counts
 requests and distinct ``Idempotency-Key`` headers; ``GET /stats`` returns those counts as JSON.
+A POST to a path ending in ``/poll`` (the workflow benchmark's poll step) answers the JSON
+``{"ready": ...}`` instead of ``ok``: true on an entity's second poll, and on its first for about
+half the entities (a hash of ``entity_id``); every other path answers as before.
 It binds 127.0.0.1 only, prints ``PORT <n>`` once it listens, and stops by itself after
 ``--max-seconds`` or as soon as its parent process goes away.
 
@@ -23,6 +26,7 @@ import sys
 import threading
 import time
 import urllib.request
+import zlib
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -54,6 +58,9 @@ class _LatencyServer(AiohttpServer):
         # Touched only on the server's own loop, so no lock.
         self.requests = 0
         self.keys: set[str] = set()
+        self.polls = 0
+        self.ready = 0
+        self.polled: set[str] = set()
 
     def _handler(self) -> web.Server:
         # The low-level server: no router, no middlewares, no access log.
@@ -61,16 +68,33 @@ class _LatencyServer(AiohttpServer):
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.method == "GET" and request.path == "/stats":
-            payload = {"requests": self.requests, "unique_keys": len(self.keys)}
+            payload = {
+                "requests": self.requests,
+                "unique_keys": len(self.keys),
+                "polls": self.polls,
+                "ready": self.ready,
+            }
             return web.Response(text=json.dumps(payload), content_type="application/json")
-        await request.read()
+        body = await request.read()
         self.requests += 1
         key = request.headers.get("Idempotency-Key")
         if key:
             self.keys.add(key)
+        answer = self._poll_answer(body) if request.path.endswith("/poll") else None
         # The simulated destination latency this benchmark is about, not a synchronisation.
         await asyncio.sleep(self.latency)
-        return web.Response(text="ok")
+        if answer is None:
+            return web.Response(text="ok")
+        return web.Response(text=answer, content_type="application/json")
+
+    def _poll_answer(self, body: bytes) -> str:
+        entity = str(json.loads(body).get("entity_id", ""))
+        # crc32, not hash(): the same half of the entities is ready at once in every run.
+        ready = entity in self.polled or zlib.crc32(entity.encode()) % 2 == 0
+        self.polled.add(entity)
+        self.polls += 1
+        self.ready += ready
+        return '{"ready":true}' if ready else '{"ready":false}'
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -178,7 +202,7 @@ class SlowServer:
             process.stdout.close()
 
     def stats(self) -> dict[str, int]:
-        """Requests received and distinct idempotency keys seen so far."""
+        """Requests received, distinct idempotency keys, polls and ready answers so far."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=5) as answer:
             data: dict[str, Any] = json.loads(answer.read())
         return {k: int(v) for k, v in data.items()}
