@@ -11,6 +11,8 @@ from autoexec_dagster.channels.sql import SqlChannel
 from autoexec_dagster.channels.webhook import WebhookChannel, verify_signature
 from autoexec_dagster.components.execution_component import ExecutionComponent
 from autoexec_dagster.dagster.defs_factory import build_execution_defs
+from autoexec_dagster.dagster.execution_assets import ExecuteFn
+from autoexec_dagster.dagster.insight_sensor import flagged_metadata
 from autoexec_dagster.errors import (
     AutoexecError,
     ChannelConfigError,
@@ -44,6 +46,7 @@ __all__ = [
     "ChannelError",
     "Delivered",
     "EmailChannel",
+    "ExecuteFn",
     "ExecutionComponent",
     "ExecutionReport",
     "Guardrails",
@@ -69,6 +72,7 @@ __all__ = [
     "build_execution_defs",
     "execute_plan",
     "execute_plan_async",
+    "flagged_metadata",
     "route",
     "validate_insight",
     "verify_signature",
