@@ -347,7 +347,10 @@ async def _screenshot_partition_metadata(
                 .find((e) => e.childElementCount === 0 && e.textContent.trim() === 'autonomy_rate');
               if (el) el.scrollIntoView({block: 'center'}); return Boolean(el); })()"""
         )
-        await asyncio.sleep(0.5)  # let the scroll repaint; not synchronisation with the app
+        # Two animation frames: the scroll has been painted before the screenshot is taken.
+        await browser.evaluate(
+            "new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(() => done(true))))"
+        )
         await browser.screenshot(target)
         text = await browser.evaluate("document.body.innerText")
     return {**state, "skipped": skipped, "text": text}
