@@ -17,6 +17,7 @@ from autoexec_dagster.executor.report import ExecutionReport
 from autoexec_dagster.keys import escalation_dedupe_key
 from autoexec_dagster.ledger import payload
 from autoexec_dagster.ledger.action_ledger import ActionLedger
+from autoexec_dagster.ledger.queries import COOLDOWN_DETAIL, STILL_OPEN_DETAIL
 from autoexec_dagster.ledger.schema import (
     DRY_RUN,
     ESCALATED,
@@ -122,9 +123,9 @@ def record_plan(
             detail = None
             last = cooldown.get((entity_all[i], action)) if decision == "act" and action else None
             if last is not None:
-                detail = f"cooldown: {action} delivered {last:%Y-%m-%d %H:%M} UTC"
+                detail = f"{COOLDOWN_DETAIL} {action} delivered {last:%Y-%m-%d %H:%M} UTC"
             if i in open_elsewhere:
-                detail = f"escalation still open since partition {open_elsewhere[i]}"
+                detail = f"{STILL_OPEN_DETAIL} {open_elsewhere[i]}"
             if dry:
                 key, state = DRY_PREFIX + keys_all[i], DRY_RUN
             else:
