@@ -187,6 +187,8 @@ def render(lines: Sequence[dict[str, Any]], *, now: datetime | None = None) -> s
     """The Markdown report of one run's figures."""
     moment = (now or datetime.now(UTC)).strftime("%Y-%m-%d %H:%M UTC")
     mode = _run_mode(lines)
+    # Fast-mode lines written meanwhile by other test runs on the machine are not this run's.
+    lines = [line for line in lines if line.get("mode", mode) == mode]
     by_suite: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for line in lines:
         by_suite[str(line.get("suite", "?"))].append(line)
