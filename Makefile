@@ -47,7 +47,7 @@ RELIABILITY_TESTS = $(wildcard tests/test_crash_points.py tests/test_ledger_faul
 
 reliability: $(STAMP)
 	rm -f test-artifacts/reliability.jsonl
-	AUTOEXEC_RELIABILITY=full $(BIN)/pytest -m "not ui" $(RELIABILITY_TESTS) -q; \
+	AUTOEXEC_RELIABILITY=full $(BIN)/pytest $(RELIABILITY_TESTS) -q; \
 	status=$$?; $(BIN)/python reliability/report.py && exit $$status
 
 clean:
