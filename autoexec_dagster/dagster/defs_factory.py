@@ -21,8 +21,9 @@ channels are closed over by the ops, so merging with a project that binds ``io_m
 """
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from autoexec_dagster.dagster.insight_sensor import (
 )
 from autoexec_dagster.dagster.ledger_resource import LedgerHandle
 from autoexec_dagster.dagster.metadata import PREVIEW_ROWS
+from autoexec_dagster.dagster.workflow_sensor import build_workflow_sensor
 from autoexec_dagster.errors import ChannelConfigError, PlaybookError
 from autoexec_dagster.ledger.action_ledger import ActionLedger
 from autoexec_dagster.playbook import Playbook
@@ -186,8 +188,12 @@ def check_channels(playbook: Playbook, channels: Mapping[str, Channel]) -> None:
             )
     missing = [a for a in playbook.actions if a not in channels]
     if missing:
-        users = {a: [r.name for r in playbook.rules if r.action == a] for a in missing}
-        detail = "; ".join(f"{a!r} (rule {', '.join(users[a])})" for a in missing)
+        users = {a: [f"rule {r.name}" for r in playbook.rules if r.action == a] for a in missing}
+        for workflow_name, workflow in playbook.workflows.items():
+            for step in [*workflow.steps, *workflow.on_failure_steps]:
+                if step.action in users:
+                    users[step.action].append(f"workflow {workflow_name} step {step.name}")
+        detail = "; ".join(f"{a!r} ({', '.join(users[a])})" for a in missing)
         raise ChannelConfigError(
             f"playbook {playbook.name!r} has no channel for action(s) {detail}; channels given: "
             f"{sorted(channels) or 'none'}"
@@ -212,6 +218,8 @@ def build_execution_defs(
     flagged_share_blocking: bool = True,
     preview_rows: int = PREVIEW_ROWS,
     execute_fn: ExecuteFn | None = None,
+    workflow_sensor_interval_seconds: int | None = None,
+    ledger_clock: Callable[[], datetime] | None = None,
 ) -> dg.Definitions:
     """Definitions that execute a playbook on every new partition of an insight asset.
 
@@ -232,9 +240,10 @@ def build_execution_defs(
             insight is partitioned, or the execution assets would read every partition at once.
         dry_run: Record what would be sent without sending; None follows the playbook.
         group_name: Asset group of the execution assets (default: the playbook name).
-        sensor_default_status: Whether the sensor runs without being switched on. STOPPED by
+        sensor_default_status: Whether the sensors (the insight sensor and, when the playbook
+            has workflows, the workflow sensor) run without being switched on. STOPPED by
             default: starting to hit real destinations should be a decision.
-        minimum_interval_seconds: Least time between two sensor ticks.
+        minimum_interval_seconds: Least time between two insight sensor ticks.
         flagged_metadata_key: Insight materialization metadata key holding the number of
             flagged entities (see
             :func:`~autoexec_dagster.dagster.insight_sensor.flagged_metadata`).
@@ -247,13 +256,22 @@ def build_execution_defs(
         preview_rows: Rows in each metadata preview (at most 100).
         execute_fn: Replaces how a routed plan is executed; see
             :class:`~autoexec_dagster.dagster.execution_assets.ExecuteFn`.
+        workflow_sensor_interval_seconds: Least time between two ticks of the workflow sensor
+            (default: ``minimum_interval_seconds``). A poll's ``every`` shorter than this is
+            honoured only to the tick.
+        ledger_clock: The time workflows are due by, for a ledger opened from a URL or the
+            default; the sensors and the runs all read it. For demos and tests only (e.g.
+            :class:`~autoexec_dagster.dagster.ledger_resource.FileClock`, which every process of
+            a deployment reads alike); None keeps the real time.
 
     Returns:
         Definitions holding the execution assets ``<playbook>/plan``, ``<playbook>/actions``
         and ``<playbook>/escalations``, the checks ``<playbook>_valid_input`` (blocking) and
         ``<playbook>_flagged_share`` on the insight, the job ``<playbook>_execution_job``, the
-        sensor ``<playbook>_sensor``, the optional schedule ``<playbook>_schedule``, and the
-        resource ``autoexec_<playbook>_io_manager``.
+        sensor ``<playbook>_sensor``, when the playbook has workflows the sensor
+        ``<playbook>_workflows_sensor`` (one run per partition with due workflow work), the
+        optional schedule ``<playbook>_schedule``, and the resource
+        ``autoexec_<playbook>_io_manager``.
 
     Raises:
         PlaybookError: The playbook is invalid or its file cannot be read.
@@ -267,6 +285,8 @@ def build_execution_defs(
     check_channels(book, channels)
     if minimum_interval_seconds < 1:
         raise ValueError("minimum_interval_seconds must be at least 1")
+    if workflow_sensor_interval_seconds is not None and workflow_sensor_interval_seconds < 1:
+        raise ValueError("workflow_sensor_interval_seconds must be at least 1")
     if not 0 <= preview_rows <= 100:
         raise ValueError("preview_rows must be between 0 and 100")
     if insight_key in execution_asset_keys(book):
@@ -276,7 +296,7 @@ def build_execution_defs(
         playbook=book,
         insight_key=insight_key,
         partitions_def=partitions_def if partitions_def is not None else insight_partitions,
-        ledger=LedgerHandle(ledger),
+        ledger=LedgerHandle(ledger, clock=ledger_clock),
         channels=dict(channels),
         dry_run=dry_run,
         group_name=group_name or book.name,
@@ -316,6 +336,17 @@ def build_execution_defs(
         minimum_interval_seconds=minimum_interval_seconds,
         flagged_metadata_key=flagged_metadata_key,
     )
+    sensors = [sensor]
+    if book.workflows:
+        sensors.append(
+            build_workflow_sensor(
+                setup=setup,
+                job=job,
+                default_status=sensor_default_status,
+                minimum_interval_seconds=workflow_sensor_interval_seconds
+                or minimum_interval_seconds,
+            )
+        )
     schedules = (
         [
             build_execution_schedule(
@@ -333,7 +364,7 @@ def build_execution_defs(
         assets=[assets],
         asset_checks=[checks],
         jobs=[job],
-        sensors=[sensor],
+        sensors=sensors,
         schedules=schedules,
         resources=execution_resources(setup),
     )

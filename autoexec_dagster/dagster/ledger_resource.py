@@ -11,6 +11,8 @@ Without an explicit ledger, the Dagster integration and the ``autoexec`` CLI agr
 
 import os
 import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -51,29 +53,83 @@ def display_url(url: str) -> str:
         raise LedgerError(f"the action ledger URL is not a valid SQLAlchemy URL: {exc}") from None
 
 
+class FileClock:
+    """A workflow clock another process moves: the time is read from a file of ISO 8601 text.
+
+    For demos and tests of a whole deployment (sensor ticks, run workers and the demo driver in
+    separate processes) that must agree on an injected time. While the file is missing or empty,
+    the real UTC time is used. Not for production: there the ledger keeps the real time.
+
+    Args:
+        path: The file; a naive time in it is taken as UTC.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def __call__(self) -> datetime:
+        """The time in the file, or the real UTC time while there is none.
+
+        Raises:
+            LedgerError: The file holds text that is not an ISO 8601 time.
+        """
+        try:
+            text = self.path.read_text().strip()
+        except FileNotFoundError:
+            text = ""
+        if not text:
+            return datetime.now(UTC)
+        try:
+            when = datetime.fromisoformat(text)
+        except ValueError:
+            raise LedgerError(
+                f"the ledger clock file {self.path} holds {text[:40]!r}, not an ISO 8601 time"
+            ) from None
+        return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+    def __repr__(self) -> str:
+        return f"FileClock({str(self.path)!r})"
+
+
 class LedgerHandle:
     """Opens the action ledger on first use, once per process.
 
     Opening is deferred because building Definitions must not touch a database: code servers and
     ``dg check`` load definitions where the ledger may be unreachable, and a SQLite default would
-    create files wherever definitions happen to be imported.
+    create files wherever definitions happen to be imported. The execution runs, the insight
+    sensor and the workflow sensor all open the ledger through the same handle, so they agree on
+    its URL and on its clock.
 
     Args:
         source: An open :class:`ActionLedger` (used as is), a SQLAlchemy URL, or None for
             :func:`default_ledger_url` (resolved at first use, in the process that executes).
+        clock: The time workflows are due by, for a ledger this handle opens (default: the real
+            UTC time). A :class:`FileClock` lets a demo or test move time for every process of a
+            deployment; an open ActionLedger brings its own clock instead.
 
     Raises:
-        LedgerError: ``source`` is a malformed URL.
+        LedgerError: ``source`` is a malformed URL, or a clock is given with an open ledger.
     """
 
-    def __init__(self, source: ActionLedger | str | None = None):
+    def __init__(
+        self,
+        source: ActionLedger | str | None = None,
+        *,
+        clock: Callable[[], datetime] | None = None,
+    ):
         if source is not None and not isinstance(source, ActionLedger | str):
             raise LedgerError(
                 f"ledger must be an ActionLedger, a SQLAlchemy URL or None, got "
                 f"{type(source).__name__}"
             )
+        if clock is not None and isinstance(source, ActionLedger):
+            raise LedgerError(
+                "ledger_clock applies to a ledger opened from a URL; an open ActionLedger keeps "
+                "its own clock (pass ActionLedger(url, clock=...) instead)"
+            )
         self._ledger = source if isinstance(source, ActionLedger) else None
         self._url = source if isinstance(source, str) else None
+        self._clock = clock
         if self._url is not None:
             display_url(self._url)  # fail at definition time on a malformed URL
         self._lock = threading.Lock()
@@ -95,7 +151,7 @@ class LedgerHandle:
         """
         with self._lock:
             if self._ledger is None:
-                self._ledger = ActionLedger(self._url or default_ledger_url())
+                self._ledger = ActionLedger(self._url or default_ledger_url(), clock=self._clock)
             return self._ledger
 
     def __repr__(self) -> str:

@@ -20,7 +20,11 @@ import pandas as pd
 
 from autoexec_dagster.executor.report import ExecutionReport
 from autoexec_dagster.ledger.action_ledger import ActionLedger
-from autoexec_dagster.ledger.queries import PartitionOutcome
+from autoexec_dagster.ledger.queries import (
+    WORKFLOW_FAILED_KIND,
+    PartitionOutcome,
+    WorkflowOutcome,
+)
 from autoexec_dagster.playbook import Playbook
 from autoexec_dagster.routing import DECISIONS, PLAN_COLUMNS
 
@@ -31,6 +35,9 @@ _MAX_CELL_CHARS = 80
 _EMAIL_RE = re.compile(r"([^\s@<>()\[\]\"',;:=]+)@([^\s@<>()\[\]\"',;:=]+\.[^\s@<>()\[\]\"',;:=]+)")
 # Preview order: what needs a person first, then what was done.
 _DECISION_ORDER = ("escalate", "act", "holdout")
+# Keys of an escalation's data that are not the entity's own columns: a failed workflow's step
+# log and outputs are shown as evidence in a table of their own.
+_EVIDENCE_KEYS = frozenset({"entity_id", "evidence", "outputs"})
 
 
 def mask_value(value: Any) -> Any:
@@ -360,6 +367,11 @@ def partition_markdown(
             f"- {outcome.still_open:,} already waiting for a person from an earlier partition "
             f"({origins}): not escalated again"
         )
+    if outcome.workflows:
+        lines.append(
+            f"- **{outcome.workflows:,}** handed to a workflow: {outcome.workflows_succeeded:,} "
+            f"finished every step, {outcome.workflows_active:,} still under way"
+        )
     lines.append(
         f"- {outcome.held_out:,} held out as control group, {outcome.skipped:,} skipped "
         "(no rule matched)"
@@ -460,7 +472,228 @@ def actions_metadata(
     metadata["preview"] = table_preview(
         rows, personal_columns=personal, max_rows=max_rows, columns=columns
     )
+    if playbook.workflows:
+        metadata.update(
+            workflow_metadata(
+                ledger.workflow_outcome(playbook=playbook.name, partition_key=report.partition_key),
+                ledger=ledger,
+                playbook=playbook,
+                report=report,
+                max_rows=max_rows,
+            )
+        )
     return metadata
+
+
+# -- workflows --------------------------------------------------------------------------------
+
+
+def _loads(raw: Any, default: Any) -> Any:
+    if isinstance(raw, str):
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return default
+    return default if raw is None else raw
+
+
+def masked_outputs(outputs: Any, *, personal_columns: Iterable[str], max_chars: int = 160) -> str:
+    """Step outputs (``{step: {field: value}}`` or its JSON) as one short masked line.
+
+    Fields whose names are personal columns are masked like the insight's personal columns,
+    e-mail addresses anywhere are masked, and the line is cut at ``max_chars``.
+    """
+    data = _loads(outputs, {})
+    if not isinstance(data, Mapping):
+        text = mask_emails(str(data))
+        return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+    personal = tuple(personal_columns)
+    parts = []
+    for step, output in data.items():
+        if isinstance(output, Mapping):
+            for name, value in output.items():
+                shown = mask_value(value) if is_personal(str(name), personal) else value
+                if isinstance(shown, float):
+                    shown = round(shown, 4)
+                if isinstance(shown, Mapping | list):
+                    shown = json.dumps(shown, default=str)
+                parts.append(f"{step}.{name}={shown}")
+        else:
+            parts.append(f"{step}={output}")
+    text = mask_emails(", ".join(parts))
+    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+
+
+def last_outcome(log: Any) -> str:
+    """The last entry of an instance's step log, as ``step: outcome (attempt n)``."""
+    entries = _loads(log, [])
+    if not isinstance(entries, list) or not entries or not isinstance(entries[-1], Mapping):
+        return ""
+    last = entries[-1]
+    attempt = last.get("attempt")
+    return f"{last.get('step')}: {last.get('outcome')}" + (
+        f" (attempt {attempt})" if attempt else ""
+    )
+
+
+def failed_step(log: Any) -> tuple[str, str]:
+    """``(step, error)`` of the last failed step in an instance's log ("" when none failed)."""
+    entries = _loads(log, [])
+    if isinstance(entries, list):
+        for entry in reversed(entries):
+            if isinstance(entry, Mapping) and entry.get("outcome") == "failed":
+                return str(entry.get("step", "")), str(entry.get("detail", ""))
+    return "", ""
+
+
+def workflow_preview_frame(
+    instances: pd.DataFrame, *, playbook: Playbook, max_chars: int = 160
+) -> pd.DataFrame:
+    """Workflow instances as preview rows: current step, last outcome, masked outputs."""
+    personal = playbook.personal_columns
+    entity_personal = _entity_is_personal(playbook)
+    return pd.DataFrame(
+        {
+            "instance": instances["instance_id"].astype(str).str.slice(0, 12),
+            "entity_id": [
+                mask_value(str(v)) if entity_personal else str(v) for v in instances["entity_id"]
+            ],
+            "workflow": instances["workflow"].astype(str),
+            "state": instances["state"].astype(str),
+            "step": instances["step"].fillna("-").astype(str),
+            "attempt": instances["attempt"].astype(int),
+            "next_due": [_cell(v) if v is not None else None for v in instances["next_due"]],
+            "last_outcome": [last_outcome(v) for v in instances["log"]],
+            "outputs": [
+                masked_outputs(v, personal_columns=personal, max_chars=max_chars)
+                for v in instances["outputs"]
+            ],
+            "error": [
+                (mask_emails(str(v))[:max_chars] if isinstance(v, str) and v else None)
+                for v in instances["error"]
+            ],
+        }
+    )
+
+
+def _step_rows(outcome: WorkflowOutcome, playbook: Playbook) -> list[tuple[Any, ...]]:
+    order = [
+        step.name
+        for workflow in playbook.workflows.values()
+        for step in [*workflow.steps, *workflow.on_failure_steps]
+    ]
+    names = list(dict.fromkeys([*order, *outcome.at_step, *outcome.step_attempts]))
+    rows = []
+    for step in names:
+        at = outcome.at_step.get(step, {})
+        attempts = outcome.step_attempts.get(step, {})
+        if not at and not attempts:
+            continue
+        rows.append(
+            (
+                step,
+                at.get("running", 0) + at.get("failing", 0),
+                at.get("waiting", 0),
+                attempts.get("succeeded", 0),
+                attempts.get("failed", 0),
+                sum(n for s, n in attempts.items() if s not in ("succeeded", "failed")),
+            )
+        )
+    return rows
+
+
+def workflow_metadata(
+    outcome: WorkflowOutcome,
+    *,
+    ledger: ActionLedger,
+    playbook: Playbook,
+    report: ExecutionReport | None = None,
+    max_rows: int = PREVIEW_ROWS,
+) -> dict[str, Any]:
+    """The workflow entries of ``<playbook>/actions``: the partition's instances, over all runs.
+
+    Headline counts (``workflows_started``, ``_running``, ``_waiting``, ``_succeeded``,
+    ``_failed``, ``_escalated``) are the partition's totals in the ledger, so each advance run's
+    materialization plots the progress; ``workflows_waiting_until`` says when the earliest
+    waiting instance is due. Per step, how many instances are there now and how its attempts
+    ended; and a preview of at most ``max_rows`` instances (failed first) with their current
+    step, last outcome and masked outputs. A bounded number of entries whatever the number of
+    instances.
+    """
+    metadata: dict[str, Any] = {
+        "workflows_started": outcome.started,
+        "workflows_running": outcome.running,
+        "workflows_waiting": outcome.waiting,
+        "workflows_succeeded": outcome.succeeded,
+        "workflows_failed": outcome.failed,
+        "workflows_escalated": outcome.escalated,
+    }
+    if outcome.cancelled:
+        metadata["workflows_cancelled"] = outcome.cancelled
+    metadata["workflows_waiting_until"] = (
+        outcome.next_due.isoformat() if outcome.next_due is not None else "-"
+    )
+    if outcome.median_resolution_seconds is not None:
+        metadata["workflows_median_resolution_seconds"] = float(outcome.median_resolution_seconds)
+    rows = _step_rows(outcome, playbook)
+    if rows:
+        metadata["workflows_by_step"] = dg.MetadataValue.md(
+            _md_table(
+                (
+                    "step",
+                    "instances running",
+                    "instances waiting",
+                    "attempts succeeded",
+                    "attempts failed",
+                    "attempts pending",
+                ),
+                rows,
+            )
+        )
+    flow = getattr(report, "workflows", None) if report is not None else None
+    if report is not None:
+        metadata["run_workflows_started"] = int(report.workflows_started)
+    if flow is not None:
+        metadata["run_workflows_advanced"] = int(flow.advanced)
+        metadata["run_workflow_steps_delivered"] = int(flow.steps_delivered)
+    instances = ledger.workflow_preview(
+        playbook=playbook.name, partition_key=outcome.partition_key, limit=max_rows
+    )
+    metadata["workflows_preview"] = table_preview(
+        workflow_preview_frame(instances, playbook=playbook),
+        personal_columns=(),
+        max_rows=max_rows,
+    )
+    return metadata
+
+
+def workflow_failures_frame(queue: pd.DataFrame, *, playbook: Playbook) -> pd.DataFrame:
+    """Open escalations of failed workflows as compact, masked evidence rows.
+
+    Each row: the entity, its workflow, the step that failed and its error, and the outputs of
+    the steps before (the diagnosis), masked like personal insight columns.
+    """
+    rows = []
+    entity_personal = _entity_is_personal(playbook)
+    for record in queue.to_dict("records"):
+        data = _loads(record.get("data"), {})
+        data = data if isinstance(data, Mapping) else {}
+        step, error = failed_step(data.get("evidence"))
+        entity = str(record["entity_id"])
+        rows.append(
+            {
+                "key": str(record["idempotency_key"])[:12],
+                "entity_id": mask_value(entity) if entity_personal else entity,
+                "workflow": str(data.get("workflow", "")),
+                "failed_step": step,
+                "error": mask_emails(error)[: _MAX_CELL_CHARS * 2],
+                "outputs": masked_outputs(
+                    data.get("outputs"), personal_columns=playbook.personal_columns
+                ),
+            }
+        )
+    columns = ["key", "entity_id", "workflow", "failed_step", "error", "outputs"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def action_preview_rows(
@@ -523,7 +756,7 @@ def compact_data(raw: Any, *, personal_columns: Iterable[str], max_chars: int = 
     personal = tuple(personal_columns)
     parts = []
     for key, value in data.items():
-        if key == "entity_id":
+        if key in _EVIDENCE_KEYS:
             continue
         shown = mask_value(value) if is_personal(str(key), personal) else value
         if isinstance(shown, float):
@@ -616,4 +849,20 @@ def escalations_metadata(
         "review_with": command,
         "preview": table_preview(preview, personal_columns=(), max_rows=max_rows),
     }
+    if playbook.workflows:
+        failures = ledger.escalations(
+            playbook=playbook.name,
+            partition_key=partition,
+            status="open",
+            kind=WORKFLOW_FAILED_KIND,
+            limit=max_rows,
+        )
+        metadata[f"open_{WORKFLOW_FAILED_KIND}"] = int(
+            summary["by_kind"].get(WORKFLOW_FAILED_KIND, 0)
+        )
+        metadata["workflow_failures"] = table_preview(
+            workflow_failures_frame(failures, playbook=playbook),
+            personal_columns=(),
+            max_rows=max_rows,
+        )
     return metadata

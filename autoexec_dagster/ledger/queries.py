@@ -6,7 +6,7 @@ its cost does not grow with a partition's size where a caller shows only a previ
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pandas as pd
@@ -28,6 +28,16 @@ PREVIEW_STATES: tuple[str, ...] = (
     schema.HELD_OUT,
     schema.SKIPPED,
 )
+# Workflow preview order: what needs a person first, then what is still moving.
+WORKFLOW_PREVIEW_STATES: tuple[str, ...] = (
+    schema.FAILED,
+    schema.FAILING,
+    schema.WAITING,
+    schema.RUNNING,
+    schema.SUCCEEDED,
+    schema.CANCELLED,
+)
+WORKFLOW_FAILED_KIND = "workflow_failed"
 
 
 class LedgerQueries(LedgerBase):
@@ -96,10 +106,21 @@ class LedgerQueries(LedgerBase):
         partition_key: str | None = None,
         status: str | None = OPEN,
         limit: int | None = None,
+        kind: str | None = None,
     ) -> pd.DataFrame:
-        """The escalation queue: what a person should look at, oldest first."""
+        """The escalation queue: what a person should look at, oldest first.
+
+        Args:
+            playbook: Only this playbook.
+            partition_key: Only this partition.
+            status: ``open``, ``resolved``, or None for both.
+            limit: At most this many rows.
+            kind: Only this kind (``rule``, ``workflow_failed``, ``guardrail``, ...).
+        """
         t = schema.escalations
         query = sa.select(t).order_by(t.c.created_at, t.c.idempotency_key)
+        if kind is not None:
+            query = query.where(t.c.kind == kind)
         if playbook is not None:
             query = query.where(t.c.playbook == playbook)
         if partition_key is not None:
@@ -313,6 +334,12 @@ class LedgerQueries(LedgerBase):
             .where(e.c.playbook == playbook, e.c.partition_key == partition_key)
             .group_by(e.c.kind, e.c.status)
         )
+        w = schema.workflow_instances
+        instances_query = (
+            sa.select(w.c.state, sa.func.count())
+            .where(w.c.playbook == playbook, w.c.partition_key == partition_key)
+            .group_by(w.c.state)
+        )
         outcome = PartitionOutcome(playbook=playbook, partition_key=partition_key)
         with self._read("count a partition's outcome") as conn:
             for decision, action, state, detail_kind, n in conn.execute(rows_query):
@@ -321,12 +348,147 @@ class LedgerQueries(LedgerBase):
                 origin = str(detail)[len(STILL_OPEN_DETAIL) :].strip() or "?"
                 outcome.still_open_by_partition[origin] = int(n)
             for case_kind, status, n in conn.execute(cases_query):
-                if case_kind == "guardrail":
+                if case_kind in ("guardrail", WORKFLOW_FAILED_KIND):
+                    # Neither has an escalated action row: the batch, or the entity whose
+                    # workflow failed, was escalated through the queue alone.
                     outcome.escalated += int(n)
+                if case_kind == "guardrail":
                     outcome.blocked = True
                 if status == OPEN:
                     outcome.open_escalations += int(n)
+            for state, n in conn.execute(instances_query):
+                if state == schema.SUCCEEDED:
+                    outcome.workflows_succeeded += int(n)
+                elif state in schema.ACTIVE_INSTANCE_STATES:
+                    outcome.workflows_active += int(n)
         return outcome
+
+    def workflow_outcome(self, *, playbook: str, partition_key: str) -> "WorkflowOutcome":
+        """A partition's workflow instances, over every run: per state, per step, when next due.
+
+        Four aggregate queries (instances per state and current step, step attempts per step
+        and state, workflow escalations, the median time to resolution), whatever the number
+        of instances.
+        """
+        w, a, e = schema.workflow_instances, schema.actions, schema.escalations
+        where = (w.c.playbook == playbook, w.c.partition_key == partition_key)
+        at_query = (
+            sa.select(w.c.state, w.c.step, sa.func.count(), sa.func.min(w.c.next_due))
+            .where(*where)
+            .group_by(w.c.state, w.c.step)
+        )
+        attempts_query = (
+            sa.select(a.c.step, a.c.state, sa.func.count())
+            .where(
+                a.c.playbook == playbook,
+                a.c.partition_key == partition_key,
+                a.c.instance_id.is_not(None),
+            )
+            .group_by(a.c.step, a.c.state)
+        )
+        escalated_query = sa.select(sa.func.count()).where(
+            e.c.playbook == playbook,
+            e.c.partition_key == partition_key,
+            e.c.kind == WORKFLOW_FAILED_KIND,
+        )
+        outcome = WorkflowOutcome(playbook=playbook, partition_key=partition_key)
+        with self._read("count a partition's workflows") as conn:
+            for state, step, n, due in conn.execute(at_query):
+                outcome.by_state[str(state)] = outcome.by_state.get(str(state), 0) + int(n)
+                if step is not None and state in schema.ACTIVE_INSTANCE_STATES:
+                    tally = outcome.at_step.setdefault(str(step), {})
+                    tally[str(state)] = tally.get(str(state), 0) + int(n)
+                if state == schema.WAITING and due is not None:
+                    due = _aware(due)
+                    if outcome.next_due is None or due < outcome.next_due:
+                        outcome.next_due = due
+            for step, state, n in conn.execute(attempts_query):
+                tally = outcome.step_attempts.setdefault(str(step), {})
+                tally[str(state)] = tally.get(str(state), 0) + int(n)
+            outcome.escalated = int(conn.execute(escalated_query).scalar_one())
+            outcome.median_resolution_seconds = self._median_resolution(conn, where)
+        return outcome
+
+    def _median_resolution(self, conn: sa.Connection, where: Sequence[Any]) -> float | None:
+        """Median seconds from start to end of the finished (succeeded or failed) instances."""
+        w = schema.workflow_instances
+        if self.dialect == "postgresql":
+            seconds: Any = sa.extract("epoch", w.c.finished_at - w.c.created_at)
+        else:
+            seconds = (sa.func.julianday(w.c.finished_at) - sa.func.julianday(w.c.created_at)) * (
+                86_400.0
+            )
+        finished = (
+            *where,
+            w.c.state.in_([schema.SUCCEEDED, schema.FAILED]),
+            w.c.finished_at.is_not(None),
+        )
+        n = int(conn.execute(sa.select(sa.func.count()).where(*finished)).scalar_one())
+        if n == 0:
+            return None
+        # The middle one or two durations: a sort of one partition's finished instances, never a
+        # transfer of all their rows.
+        middle = (
+            sa.select(seconds.label("s"))
+            .where(*finished)
+            .order_by(seconds)
+            .offset((n - 1) // 2)
+            .limit(2 - n % 2)
+        )
+        values = [float(v) for v in conn.execute(middle).scalars() if v is not None]
+        return sum(values) / len(values) if values else None
+
+    def workflow_preview(self, *, playbook: str, partition_key: str, limit: int) -> pd.DataFrame:
+        """Up to ``limit`` workflow instances of a partition: failed first, then those moving.
+
+        One small query per state (as :meth:`action_preview`), so the preview costs the same for
+        ten instances and for a hundred thousand.
+        """
+        w = schema.workflow_instances
+        columns = [
+            w.c.instance_id,
+            w.c.entity_id,
+            w.c.workflow,
+            w.c.state,
+            w.c.step,
+            w.c.attempt,
+            w.c.next_due,
+            w.c.outputs,
+            w.c.log,
+            w.c.error,
+            w.c.updated_at,
+        ]
+        frames = []
+        remaining = limit
+        with self._read("preview workflow instances") as conn:
+            for state in WORKFLOW_PREVIEW_STATES:
+                if remaining <= 0:
+                    break
+                query = (
+                    sa.select(*columns)
+                    .where(
+                        w.c.playbook == playbook,
+                        w.c.partition_key == partition_key,
+                        w.c.state == state,
+                    )
+                    .order_by(w.c.updated_at.desc(), w.c.instance_id)
+                    .limit(remaining)
+                )
+                frame = pd.read_sql(query, conn)
+                if len(frame):
+                    frames.append(frame)
+                    remaining -= len(frame)
+        if not frames:
+            return pd.DataFrame(columns=[c.name for c in columns])
+        return pd.concat(frames, ignore_index=True)
+
+
+def _aware(value: Any) -> datetime:
+    stamp = pd.Timestamp(value)
+    if stamp.tzinfo is None:
+        # SQLite returns the stored UTC time without its offset.
+        stamp = stamp.tz_localize(UTC)
+    return stamp.to_pydatetime()
 
 
 _PENDING_STATES = (schema.RESERVED, schema.SENDING, schema.IN_DOUBT)
@@ -361,6 +523,10 @@ class PartitionOutcome:
         open_escalations: Escalations of this partition still open.
         blocked: A guardrail escalated the whole batch.
         by_action: Per action, its outcomes (succeeded, failed, cooldown, held_out, ...).
+        workflows: Entities handed to a workflow instance.
+        workflows_succeeded: Of those, instances that finished every step (autonomous).
+        workflows_active: Instances still running, waiting or failing (not decided yet).
+        workflow_steps: Step attempts recorded (not entities: kept out of the totals).
     """
 
     playbook: str
@@ -380,18 +546,32 @@ class PartitionOutcome:
     open_escalations: int = 0
     blocked: bool = False
     by_action: dict[str, dict[str, int]] = field(default_factory=dict)
+    workflows: int = 0
+    workflows_succeeded: int = 0
+    workflows_active: int = 0
+    workflow_steps: int = 0
 
     def add(self, decision: str, action: str | None, state: str, kind: str, n: int) -> None:
         """Count ``n`` ledger rows of one (decision, action, state, detail kind)."""
+        if decision == "step":
+            # A workflow's step attempt: the entity is counted once, by its workflow row.
+            self.workflow_steps += n
+            return
         self.total += n
+        if decision == "workflow" and state == schema.WORKFLOW:
+            self.flagged += n
+            self.workflows += n
+            return
         if decision != "skip":
             self.flagged += n
         outcome = state
         if state == schema.DRY_RUN and decision != "act":
             # A dry run records every decision as "dry_run"; count it by what it would have been.
-            state = {"escalate": schema.ESCALATED, "holdout": schema.HELD_OUT}.get(
-                decision, schema.SKIPPED
-            )
+            state = {
+                "escalate": schema.ESCALATED,
+                "holdout": schema.HELD_OUT,
+                "workflow": schema.DRY_RUN,
+            }.get(decision, schema.SKIPPED)
             outcome = state
         if state == schema.SUCCEEDED:
             self.succeeded += n
@@ -419,13 +599,15 @@ class PartitionOutcome:
 
     @property
     def autonomous(self) -> int:
-        """Flagged entities handled without a person (as ExecutionReport counts them)."""
-        return self.succeeded + self.dry_run + self.cooled_down
+        """Flagged entities handled without a person (as ExecutionReport counts them), and
+        entities whose workflow finished every step."""
+        return self.succeeded + self.dry_run + self.cooled_down + self.workflows_succeeded
 
     @property
     def autonomy_rate(self) -> float | None:
         """Share of flagged entities handled without a person (holdouts and still-open ones
-        excluded, as in ExecutionReport); None before anything was decided."""
+        excluded, as in ExecutionReport, and workflows still under way); None before anything
+        was decided."""
         denominator = self.autonomous + self.escalated + self.failed
         return None if denominator == 0 else self.autonomous / denominator
 
@@ -450,4 +632,83 @@ class PartitionOutcome:
             "blocked": self.blocked,
             "autonomy_rate": self.autonomy_rate,
             "by_action": {k: dict(v) for k, v in self.by_action.items()},
+            "workflows": self.workflows,
+            "workflows_succeeded": self.workflows_succeeded,
+            "workflows_active": self.workflows_active,
+            "workflow_steps": self.workflow_steps,
+        }
+
+
+@dataclass
+class WorkflowOutcome:
+    """A partition's workflow instances in the ledger, over every run.
+
+    Attributes:
+        playbook: The playbook.
+        partition_key: The partition.
+        by_state: Instances per state (running, waiting, failing, succeeded, failed, cancelled).
+        at_step: Per current step, active instances there by state.
+        step_attempts: Per step, recorded attempts by state (succeeded, failed, reserved, ...).
+        next_due: When the earliest waiting instance is due next (None when none waits).
+        escalated: Entities escalated because their workflow failed.
+        median_resolution_seconds: Median time from start to end of the succeeded and failed
+            instances (None before any finished).
+    """
+
+    playbook: str
+    partition_key: str
+    by_state: dict[str, int] = field(default_factory=dict)
+    at_step: dict[str, dict[str, int]] = field(default_factory=dict)
+    step_attempts: dict[str, dict[str, int]] = field(default_factory=dict)
+    next_due: datetime | None = None
+    escalated: int = 0
+    median_resolution_seconds: float | None = None
+
+    @property
+    def started(self) -> int:
+        """Instances started in the partition (every state)."""
+        return sum(self.by_state.values())
+
+    @property
+    def running(self) -> int:
+        """Instances due or moving now, including those running their failure steps."""
+        return self.by_state.get(schema.RUNNING, 0) + self.by_state.get(schema.FAILING, 0)
+
+    @property
+    def waiting(self) -> int:
+        """Instances waiting in the ledger (a poll interval or a timer)."""
+        return self.by_state.get(schema.WAITING, 0)
+
+    @property
+    def succeeded(self) -> int:
+        """Instances that finished every step."""
+        return self.by_state.get(schema.SUCCEEDED, 0)
+
+    @property
+    def failed(self) -> int:
+        """Instances that failed for good."""
+        return self.by_state.get(schema.FAILED, 0)
+
+    @property
+    def cancelled(self) -> int:
+        """Instances a person cancelled."""
+        return self.by_state.get(schema.CANCELLED, 0)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-serialisable)."""
+        return {
+            "playbook": self.playbook,
+            "partition_key": self.partition_key,
+            "started": self.started,
+            "running": self.running,
+            "waiting": self.waiting,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "cancelled": self.cancelled,
+            "escalated": self.escalated,
+            "next_due": self.next_due.isoformat() if self.next_due else None,
+            "median_resolution_seconds": self.median_resolution_seconds,
+            "by_state": dict(self.by_state),
+            "at_step": {k: dict(v) for k, v in self.at_step.items()},
+            "step_attempts": {k: dict(v) for k, v in self.step_attempts.items()},
         }

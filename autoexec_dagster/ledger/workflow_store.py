@@ -80,7 +80,8 @@ class WorkflowStore(LedgerBase):
                         "next_due": due,
                         "outputs": "{}",
                         "log": "[]",
-                        "created_at": stamp,
+                        # The clock's time, as finished_at is: time to resolution spans both.
+                        "created_at": due,
                         "updated_at": stamp,
                         **row,
                     }
