@@ -453,3 +453,32 @@ def test_an_entitys_history_and_cancelling_a_running_instance(tmp_path):
         "hardware ticket filed",
     )
     assert ledger.cancel_instances([instance_id], by="ana", reason="again") == []
+
+
+@pytest.mark.xfail(
+    strict=True, reason="issue 7: workflow decisions recorded before a crash start no instance"
+)
+def test_a_crash_between_recording_and_starting_loses_no_workflow(tmp_path):
+    # The decision rows commit before the instances are started; a worker killed in between
+    # must not leave entities that a re-run counts as done while no workflow ever started.
+    clock = Clock(START)
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+
+    class DiesBeforeStarting(ActionLedger):
+        def start_instances(self, rows: Any) -> list[str]:
+            raise SystemExit("killed after reserve")
+
+    frame, causes = hosts()
+    fleet = Fleet(clock=clock, causes=causes)
+    channels = {a: fleet.channel(a) for a in ACTIONS}
+    playbook = remediation_playbook()
+    plan = route(frame, playbook, partition_key=HOUR)
+    with pytest.raises(SystemExit):
+        execute_plan(
+            plan, playbook=playbook, ledger=DiesBeforeStarting(url, clock=clock), channels=channels
+        )
+    ledger = ActionLedger(url, clock=clock)
+    again = execute_plan(plan, playbook=playbook, ledger=ledger, channels=channels)
+    routed = int((plan["decision"].astype(str) == "workflow").sum())
+    assert again.workflows_started == routed
+    assert len(ledger.instances(playbook="host_remediation")) == routed
