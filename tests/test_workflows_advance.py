@@ -455,9 +455,6 @@ def test_an_entitys_history_and_cancelling_a_running_instance(tmp_path):
     assert ledger.cancel_instances([instance_id], by="ana", reason="again") == []
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 7: workflow decisions recorded before a crash start no instance"
-)
 def test_a_crash_between_recording_and_starting_loses_no_workflow(tmp_path):
     # The decision rows commit before the instances are started; a worker killed in between
     # must not leave entities that a re-run counts as done while no workflow ever started.

@@ -151,6 +151,14 @@ def record_plan(
         inserted = set(ledger.reserve(rows))
         existing = [r["idempotency_key"] for r in rows if r["idempotency_key"] not in inserted]
         states = ledger.states(existing) if existing else {}
+        existing_workflows = [
+            r["idempotency_key"]
+            for r in rows
+            if r["decision"] == "workflow" and r["idempotency_key"] not in inserted and not dry
+        ]
+        existing_instances = (
+            ledger.instances_exist(existing_workflows) if existing_workflows else {}
+        )
         new_escalations: list[int] = []
         new_instances: list[int] = []
         for offset, row in enumerate(rows):
@@ -189,6 +197,13 @@ def record_plan(
             if decision == "act" and not dry and state not in FINAL_STATES:
                 # Reserved, or in doubt after an earlier crash: send it now.
                 to_send.setdefault(action, []).append(row["idempotency_key"])
+            elif (
+                decision == "workflow"
+                and not dry
+                and not existing_instances.get(row["idempotency_key"], True)
+            ):
+                # Recorded by a run that died before starting its instance: start it now.
+                new_instances.append(position)
             else:
                 report.already_done += 1
                 if decision == "act":

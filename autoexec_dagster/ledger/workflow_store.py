@@ -90,6 +90,19 @@ class WorkflowStore(LedgerBase):
                 inserted.extend(r[0] for r in conn.execute(statement, values))
         return inserted
 
+    def instances_exist(self, instance_ids: Sequence[str]) -> dict[str, bool]:
+        """Whether each instance id has an instance (a decision recorded before a crash may not)."""
+        t = schema.workflow_instances
+        found: set[str] = set()
+        with self._read("look up workflow instances") as conn:
+            for chunk in chunks(list(instance_ids)):
+                found.update(
+                    conn.execute(
+                        sa.select(t.c.instance_id).where(t.c.instance_id.in_(chunk))
+                    ).scalars()
+                )
+        return {i: i in found for i in instance_ids}
+
     def claim_instances(
         self,
         *,
