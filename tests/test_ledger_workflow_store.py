@@ -50,7 +50,6 @@ def _plans(ledger: ActionLedger, call: Any) -> list[str]:
     return plans
 
 
-@pytest.mark.xfail(strict=True, reason="SQLite cannot match bound states to the partial index")
 def test_the_due_work_query_uses_the_partial_index_of_active_instances(sqlite_url):
     clock_now = datetime(2026, 12, 1, 12, tzinfo=UTC)
     ledger = ActionLedger(sqlite_url, clock=lambda: clock_now)
@@ -65,7 +64,6 @@ def test_the_due_work_query_uses_the_partial_index_of_active_instances(sqlite_ur
     ]
 
 
-@pytest.mark.xfail(strict=True, reason="SQLite returns naive times")
 def test_due_times_come_back_aware(sqlite_url):
     now = datetime(2026, 12, 1, 12, tzinfo=UTC)
     ledger = ActionLedger(sqlite_url, clock=lambda: now)

@@ -7,7 +7,7 @@ instance), takes each as far as it can go, and saves where it stopped.
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pandas as pd
@@ -17,6 +17,21 @@ from autoexec_dagster.ledger import schema
 from autoexec_dagster.ledger.engine import LedgerBase, chunks
 from autoexec_dagster.ledger.engine import now as utcnow
 from autoexec_dagster.ledger.schema import ACTIVE_INSTANCE_STATES, CANCELLED
+
+
+def _active(column: Any) -> Any:
+    """``state IN ('running', 'waiting', 'failing')`` written as literals.
+
+    SQLite uses a partial index only when it can prove the query implies the index's WHERE
+    clause; with bound parameters it cannot, and walks every instance of the playbook (268 ms
+    instead of 16 ms over a million instances).
+    """
+    return column.in_(
+        sa.bindparam(
+            "active_states", list(ACTIVE_INSTANCE_STATES), expanding=True, literal_execute=True
+        )
+    )
+
 
 # Columns a claimed instance carries into an advance.
 INSTANCE_COLUMNS: tuple[str, ...] = (
@@ -52,6 +67,16 @@ SAVED_COLUMNS: tuple[str, ...] = (
     "error",
     "finished_at",
 )
+
+
+def _aware(value: Any) -> datetime | None:
+    """A stored time as an aware UTC datetime (SQLite hands back naive ones, and aggregates as
+    text)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 class WorkflowStore(LedgerBase):
@@ -125,7 +150,7 @@ class WorkflowStore(LedgerBase):
         free = sa.or_(t.c.worker.is_(None), t.c.lease_expires_at < moment)
         where = [
             t.c.playbook == playbook,
-            t.c.state.in_(ACTIVE_INSTANCE_STATES),
+            _active(t.c.state),
             t.c.next_due <= self.clock(),
             free,
         ]
@@ -212,23 +237,24 @@ class WorkflowStore(LedgerBase):
             sa.select(t.c.partition_key, sa.func.count(), sa.func.min(t.c.next_due))
             .where(
                 t.c.playbook == playbook,
-                t.c.state.in_(ACTIVE_INSTANCE_STATES),
+                _active(t.c.state),
                 t.c.next_due <= moment,
             )
             .group_by(t.c.partition_key)
             .order_by(t.c.partition_key)
         )
         with self._read("find due workflow work") as conn:
-            return [(str(p), int(n), due) for p, n, due in conn.execute(query)]
+            return [(str(p), int(n), _aware(due) or moment) for p, n, due in conn.execute(query)]
 
     def next_due(self, *, playbook: str, partition_key: str | None = None) -> datetime | None:
         """When the earliest active instance is next due (None when none is active)."""
         t = schema.workflow_instances
-        where = [t.c.playbook == playbook, t.c.state.in_(ACTIVE_INSTANCE_STATES)]
+        where = [t.c.playbook == playbook, _active(t.c.state)]
         if partition_key is not None:
             where.append(t.c.partition_key == partition_key)
         with self._read("find the next due workflow work") as conn:
-            return conn.execute(sa.select(sa.func.min(t.c.next_due)).where(*where)).scalar()
+            due = conn.execute(sa.select(sa.func.min(t.c.next_due)).where(*where)).scalar()
+        return _aware(due)
 
     def cancel_instances(self, instance_ids: Iterable[str], *, by: str, reason: str) -> list[str]:
         """Cancel active instances (who and why are recorded); returns the ids cancelled.
