@@ -363,6 +363,20 @@ class _Advancer:
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beat  # a heartbeat failure that landed just now is raised, not dropped
+        # Saved once the heartbeat has stopped: on PostgreSQL its UPDATE and the save's would
+        # lock the same rows in different orders and deadlock.
+        updates = sorted(
+            (i.saved(self.playbook.workflows.get(i.workflow)) for i in instances),
+            key=lambda u: u["instance_id"],
+        )
+        await asyncio.to_thread(self.ledger.save_instances, updates, worker=self.worker)
+        for instance in instances:
+            if instance.state == WAITING and instance.next_due is not None:
+                self.report.waiting += 1
+                if self.report.next_due is None or instance.next_due < self.report.next_due:
+                    self.report.next_due = instance.next_due
+            elif instance.state in (RUNNING, FAILING):
+                self.report.running += 1
 
     async def _heartbeat(self) -> None:
         while True:
@@ -393,15 +407,6 @@ class _Advancer:
             await self._round(moving, now)
         escalations = [i for i in instances if i.state == FAILED and i.finished_at is not None]
         await asyncio.to_thread(self._escalate, escalations)
-        updates = [i.saved(self.playbook.workflows.get(i.workflow)) for i in instances]
-        await asyncio.to_thread(self.ledger.save_instances, updates, worker=self.worker)
-        for instance in instances:
-            if instance.state == WAITING and instance.next_due is not None:
-                self.report.waiting += 1
-                if self.report.next_due is None or instance.next_due < self.report.next_due:
-                    self.report.next_due = instance.next_due
-            elif instance.state in (RUNNING, FAILING):
-                self.report.running += 1
 
     async def _round(self, moving: list[_Instance], now: datetime) -> None:
         groups: dict[tuple[str, str, int], list[_Instance]] = {}
