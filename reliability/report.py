@@ -31,6 +31,7 @@ SUITE_FILES = {
     "postgres_restart": "tests/test_postgres_restart.py",
     "bad_input": "tests/test_bad_input_*.py",
     "secrecy": "tests/test_secrecy.py",
+    "workflow_crash": "tests/test_workflow_crash.py",
 }
 # The first of these a suite records splits its detail table (kill point, ledger method, ...).
 DETAIL_KEYS = ("point", "method", "group", "scope", "mode")
