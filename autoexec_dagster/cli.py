@@ -5,11 +5,15 @@
     autoexec summary [--playbook P] [--partition K]     counts per decision/state, autonomy rate
     autoexec escalations --playbook P [--partition K] [--status open|resolved|all] [--limit N]
     autoexec resolve KEY --by NAME [--note TEXT]        close an escalation (or a unique prefix)
+    autoexec workflows --playbook P [--partition K] [--state waiting|failed|...] [--limit N]
+    autoexec history ENTITY_ID [--playbook P]           every action, step, output, escalation
+    autoexec cancel INSTANCE_ID... --by NAME --reason TEXT
     autoexec pause [--playbook P] --reason TEXT --by NAME
     autoexec resume [--playbook P] --by NAME
     autoexec status                                     the kill switch
 
-Every command takes ``--ledger URL``; without it, ``$AUTOEXEC_LEDGER_URL``, then the default the
+Every listing command (summary, escalations, workflows, history, status) takes ``--json`` for
+machine-readable output. Every command takes ``--ledger URL``; without it, ``$AUTOEXEC_LEDGER_URL``, then the default the
 Dagster integration uses (``autoexec_ledger.db`` in ``$DAGSTER_HOME``, else the working
 directory), else ``var/autoexec_ledger.db`` in the working directory when it exists (where the
 reference deployment and ``make demo`` keep it).
@@ -19,7 +23,7 @@ Errors are printed without a traceback and exit with status 2.
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -33,9 +37,16 @@ from autoexec_dagster.dagster.ledger_resource import (
     LEDGER_URL_ENV,
     default_ledger_url,
 )
-from autoexec_dagster.dagster.metadata import escalations_frame, mask_emails
+from autoexec_dagster.dagster.metadata import (
+    escalations_frame,
+    failed_step,
+    last_outcome,
+    mask_emails,
+    masked_outputs,
+)
 from autoexec_dagster.errors import AutoexecError
 from autoexec_dagster.ledger.action_ledger import ActionLedger
+from autoexec_dagster.ledger.schema import ACTIVE_INSTANCE_STATES, INSTANCE_STATES
 from autoexec_dagster.playbook import Playbook
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -98,6 +109,42 @@ def _open(ledger_url: str | None, *, must_exist: bool = True) -> ActionLedger:
         _fail(str(exc))
 
 
+def _json_option(fn: F) -> F:
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print JSON instead of a table (for scripts)."
+    )(fn)
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready value: times as ISO 8601 text, NaN and NaT as null, numpy scalars unboxed."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        return None if value != value else value
+    try:
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(_plain(data), indent=2))
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return [_plain(row) for row in frame.to_dict("records")]
+
+
 def _table(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "(none)"
@@ -126,26 +173,41 @@ def cli() -> None:
 @_ledger_option
 @click.option("--playbook", "-p", default=None, help="Only this playbook.")
 @click.option("--partition", "-k", default=None, help="Only this insight partition.")
-def summary(ledger_url: str | None, playbook: str | None, partition: str | None) -> None:
+@_json_option
+def summary(
+    ledger_url: str | None, playbook: str | None, partition: str | None, as_json: bool
+) -> None:
     """Counts per decision, action and state, and the autonomy rate.
 
     The totals are counted like the Dagster metadata of ``<playbook>/actions`` (one ledger
     query), so both say the same: flagged, acted autonomously, cooled down, escalated, still
-    open from an earlier partition, held out, skipped, failed.
+    open from an earlier partition, held out, skipped, failed, handed to a workflow.
     """
     ledger = _open(ledger_url)
     counts = ledger.summary(playbook=playbook, partition_key=partition)
     queue = ledger.escalations(playbook=playbook, partition_key=partition, status="open")
-    if counts.empty and queue.empty:
-        click.echo("No actions recorded" + _scope(playbook, partition) + ".")
-        return
-    counts = counts.assign(action=counts["action"].fillna("-"))
-    click.echo(_table(counts))
     scopes = sorted(
         {(str(p), str(k)) for p, k in zip(counts["playbook"], counts["partition_key"], strict=True)}
     )
     outcomes = [ledger.partition_outcome(playbook=p, partition_key=k) for p, k in scopes]
     total = _sum_outcomes(outcomes)
+    if as_json:
+        decided = total["autonomous"] + total["escalated"] + total["failed"]
+        _echo_json(
+            {
+                "counts": _records(counts),
+                "partitions": [o.as_dict() for o in outcomes],
+                "totals": total,
+                "autonomy_rate": total["autonomous"] / decided if decided else None,
+                "open_escalations": len(queue),
+            }
+        )
+        return
+    if counts.empty and queue.empty:
+        click.echo("No actions recorded" + _scope(playbook, partition) + ".")
+        return
+    counts = counts.assign(action=counts["action"].fillna("-"))
+    click.echo(_table(counts))
     click.echo("")
     click.echo(_count_line("flagged", total["flagged"]))
     delivered = ", ".join(f"{n:,} {a}" for a, n in sorted(total["delivered"].items()) if n)
@@ -169,6 +231,15 @@ def summary(ledger_url: str | None, playbook: str | None, partition: str | None)
         click.echo(
             _count_line(
                 "still open from earlier", total["still_open"], f"(not escalated again: {origins})"
+            )
+        )
+    if total["workflows"]:
+        click.echo(
+            _count_line(
+                "handed to a workflow",
+                total["workflows"],
+                f"({total['workflows_succeeded']:,} finished every step, "
+                f"{total['workflows_active']:,} still under way: autoexec workflows)",
             )
         )
     for label, key in (
@@ -200,6 +271,7 @@ def _count_line(label: str, value: int, note: str = "") -> str:
 def _sum_outcomes(outcomes: Sequence[Any]) -> dict[str, Any]:
     keys = ("flagged", "autonomous", "cooled_down", "escalated", "still_open", "held_out")
     keys += ("skipped", "failed", "dry_run", "pending")
+    keys += ("workflows", "workflows_succeeded", "workflows_active")
     total: dict[str, Any] = {k: sum(int(getattr(o, k)) for o in outcomes) for k in keys}
     delivered: dict[str, int] = {}
     still_open_by: dict[str, int] = {}
@@ -244,6 +316,7 @@ def _scope(playbook: str | None, partition: str | None) -> str:
     metavar="COLUMN",
     help="Also mask this column of the entity data (repeatable).",
 )
+@_json_option
 def escalations(
     ledger_url: str | None,
     playbook: str,
@@ -252,8 +325,13 @@ def escalations(
     limit: int,
     show_personal: bool,
     extra_masked: Sequence[str],
+    as_json: bool,
 ) -> None:
-    """The escalation queue: why each entity needs a person, with its data."""
+    """The escalation queue: why each entity needs a person, with its data.
+
+    A failed workflow's escalation also shows its evidence: the step that failed, its error and
+    the outputs of the steps before it.
+    """
     ledger = _open(ledger_url)
     queue = ledger.escalations(
         playbook=playbook,
@@ -261,6 +339,10 @@ def escalations(
         status=None if status == "all" else status,
         limit=limit,
     )
+    masked = () if show_personal else (*DEFAULT_PERSONAL_COLUMNS, *extra_masked)
+    if as_json:
+        _echo_json([_escalation_record(row, masked=masked) for row in queue.to_dict("records")])
+        return
     if queue.empty:
         click.echo(
             f"No {'' if status == 'all' else status + ' '}escalations"
@@ -274,6 +356,7 @@ def escalations(
     else:
         view = escalations_frame(queue, personal_columns=(*DEFAULT_PERSONAL_COLUMNS, *extra_masked))
     view.insert(4, "status", queue["status"].astype(str))
+    view["full_key"] = queue["idempotency_key"].astype(str).to_numpy()
     view["created"] = pd.to_datetime(queue["created_at"]).dt.strftime("%Y-%m-%d %H:%M")
     for _, row in view.iterrows():
         origin = f"rule {row['rule']}" if row["kind"] == "rule" else f"{row['kind']}"
@@ -284,6 +367,15 @@ def escalations(
         click.echo(f"    reason: {row['reason'] if show_personal else mask_emails(row['reason'])}")
         if row["data"]:
             click.echo(f"    data:   {row['data']}")
+        evidence = _evidence(queue.loc[queue["idempotency_key"] == row["full_key"], "data"])
+        if evidence is not None:
+            step, error, outputs = evidence
+            click.echo(f"    failed: step {step}: {mask_emails(error) if masked else error}")
+            shown_outputs = masked_outputs(
+                outputs, personal_columns=masked, max_chars=400, emails=bool(masked)
+            )
+            if shown_outputs:
+                click.echo(f"    steps:  {shown_outputs}")
     shown = len(view)
     click.echo("")
     click.echo(
@@ -291,6 +383,48 @@ def escalations(
         + (f" (--limit {limit} reached)" if shown == limit else "")
         + ". Resolve one with: autoexec resolve KEY --by NAME [--note TEXT]"
     )
+
+
+def _evidence(raw: pd.Series) -> tuple[str, str, Any] | None:
+    """``(failed step, error, outputs)`` of a failed workflow's escalation data, else None."""
+    if raw.empty:
+        return None
+    try:
+        data = json.loads(raw.iloc[0]) if isinstance(raw.iloc[0], str) else raw.iloc[0]
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or "evidence" not in data:
+        return None
+    step, error = failed_step(data.get("evidence"))
+    return step, error, data.get("outputs")
+
+
+def _escalation_record(row: Mapping[Any, Any], *, masked: Sequence[str]) -> dict[str, Any]:
+    frame = escalations_frame(pd.DataFrame([dict(row)]), personal_columns=masked)
+    record: dict[str, Any] = {
+        "key": row["idempotency_key"],
+        "status": row["status"],
+        "playbook": row["playbook"],
+        "partition": row["partition_key"],
+        "entity_id": row["entity_id"],
+        "kind": row["kind"],
+        "rule": row["rule"],
+        "reason": mask_emails(str(row["reason"])) if masked else row["reason"],
+        "data": frame["data"].iloc[0] if masked else _raw_data(row["data"]),
+        "created_at": row["created_at"],
+        "resolved_at": row.get("resolved_at"),
+        "resolved_by": row.get("resolved_by"),
+        "resolution": row.get("resolution"),
+    }
+    evidence = _evidence(pd.Series([row["data"]]))
+    if evidence is not None:
+        step, error, outputs = evidence
+        record["failed_step"] = step
+        record["error"] = mask_emails(error) if masked else error
+        record["outputs"] = masked_outputs(
+            outputs, personal_columns=masked, max_chars=2_000, emails=bool(masked)
+        )
+    return record
 
 
 def _raw_data(raw: Any) -> str:
@@ -459,11 +593,28 @@ def _still_paused(controls: pd.DataFrame, exclude: str | None) -> str:
 
 @cli.command()
 @_ledger_option
-def status(ledger_url: str | None) -> None:
+@_json_option
+def status(ledger_url: str | None, as_json: bool) -> None:
     """The kill switch: which playbooks are paused, by whom and why."""
     ledger = _open(ledger_url)
     controls = ledger.controls()
     active = controls[controls["paused"].astype(bool)] if not controls.empty else controls
+    if as_json:
+        _echo_json(
+            {
+                "ledger": ledger.display_url,
+                "paused": [
+                    {
+                        "scope": row["scope"],
+                        "by": row["updated_by"],
+                        "reason": row["reason"],
+                        "since": row["updated_at"],
+                    }
+                    for row in active.to_dict("records")
+                ],
+            }
+        )
+        return
     if active.empty:
         click.echo(f"No pause is set: every playbook may run. (ledger: {ledger.display_url})")
         return
@@ -471,6 +622,333 @@ def status(ledger_url: str | None) -> None:
         target = "every playbook" if row.scope == "*" else f"playbook {row.scope!r}"
         when = pd.Timestamp(row.updated_at).strftime("%Y-%m-%d %H:%M")  # type: ignore[arg-type]
         click.echo(f"PAUSED {target} by {row.updated_by} at {when}: {row.reason}")
+
+
+@cli.command()
+@_ledger_option
+@click.option("--playbook", "-p", required=True, help="The playbook whose workflows to list.")
+@click.option("--partition", "-k", default=None, help="Only this insight partition.")
+@click.option(
+    "--state",
+    "states",
+    type=click.Choice(list(INSTANCE_STATES)),
+    multiple=True,
+    help="Only instances in this state (repeatable; default: all).",
+)
+@click.option("--limit", "-n", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--show-personal", is_flag=True, help="Show personal output fields unmasked.")
+@_json_option
+def workflows(
+    ledger_url: str | None,
+    playbook: str,
+    partition: str | None,
+    states: Sequence[str],
+    limit: int,
+    show_personal: bool,
+    as_json: bool,
+) -> None:
+    """Workflow instances: where each entity's workflow is, what it last did, when it is due."""
+    ledger = _open(ledger_url)
+    rows = ledger.instances(
+        playbook=playbook, partition_key=partition, states=states or None, limit=limit
+    )
+    masked = () if show_personal else DEFAULT_PERSONAL_COLUMNS
+    view = pd.DataFrame(
+        {
+            "instance": rows["instance_id"].astype(str),
+            "partition": rows["partition_key"].astype(str),
+            "entity_id": rows["entity_id"].astype(str),
+            "workflow": rows["workflow"].astype(str),
+            "state": rows["state"].astype(str),
+            "step": rows["step"].fillna("-").astype(str),
+            "attempt": rows["attempt"],
+            "next_due": rows["next_due"],
+            "last_outcome": [last_outcome(v) for v in rows["log"]],
+            "outputs": [
+                masked_outputs(v, personal_columns=masked, max_chars=2_000, emails=bool(masked))
+                for v in rows["outputs"]
+            ],
+            "error": rows["error"],
+            "cancelled_by": rows["cancelled_by"],
+            "cancel_reason": rows["cancel_reason"],
+            "created_at": rows["created_at"],
+            "finished_at": rows["finished_at"],
+        }
+    )
+    if as_json:
+        _echo_json(_records(view))
+        return
+    if view.empty:
+        what = "/".join(states) + " " if states else ""
+        click.echo(f"No {what}workflow instances" + _scope(playbook, partition) + ".")
+        return
+    counts = view["state"].value_counts()
+    click.echo(
+        ", ".join(f"{n:,} {state}" for state, n in counts.items()) + _scope(playbook, partition)
+    )
+    click.echo("")
+    for row in view.to_dict("records"):
+        due = (
+            f", due {pd.Timestamp(row['next_due']):%Y-%m-%d %H:%M:%S}"
+            if row["state"] in ACTIVE_INSTANCE_STATES and not pd.isna(row["next_due"])
+            else ""
+        )
+        click.echo(
+            f"{row['instance'][:16]}  [{row['state']}]  {row['partition'] or '-'}  entity "
+            f"{row['entity_id']}  {row['workflow']} at {row['step']} (attempt {row['attempt']}"
+            f"{due})"
+        )
+        if row["last_outcome"]:
+            click.echo(f"    last:    {row['last_outcome']}")
+        if row["outputs"]:
+            shown = row["outputs"]
+            click.echo(f"    outputs: {shown if len(shown) <= 160 else shown[:159] + '…'}")
+        if isinstance(row["error"], str) and row["error"]:
+            click.echo(f"    error:   {mask_emails(row['error']) if masked else row['error']}")
+        if isinstance(row["cancelled_by"], str) and row["cancelled_by"]:
+            click.echo(f"    cancelled by {row['cancelled_by']}: {row['cancel_reason']}")
+    click.echo("")
+    click.echo(
+        f"{len(view)} instance(s) shown"
+        + (f" (--limit {limit} reached)" if len(view) == limit else "")
+        + ". History of one entity: autoexec history ENTITY_ID; stop one: autoexec cancel "
+        "INSTANCE_ID --by NAME --reason TEXT"
+    )
+
+
+@cli.command()
+@_ledger_option
+@click.argument("entity_id")
+@click.option("--playbook", "-p", default=None, help="Only this playbook.")
+@click.option("--show-personal", is_flag=True, help="Show personal fields unmasked.")
+@_json_option
+def history(
+    ledger_url: str | None,
+    entity_id: str,
+    playbook: str | None,
+    show_personal: bool,
+    as_json: bool,
+) -> None:
+    """Everything the ledger holds about ENTITY_ID, across partitions, oldest first.
+
+    Every action and workflow step attempt with its outcome and output, every workflow instance
+    with its step log, and every escalation.
+    """
+    ledger = _open(ledger_url)
+    found = ledger.entity_history(entity_id, playbook=playbook)
+    masked = () if show_personal else DEFAULT_PERSONAL_COLUMNS
+    actions, instances, cases = found["actions"], found["workflows"], found["escalations"]
+    if as_json:
+        _echo_json(
+            {
+                "entity_id": entity_id,
+                "actions": [
+                    {
+                        **{
+                            k: row[k]
+                            for k in (
+                                "idempotency_key",
+                                "playbook",
+                                "partition_key",
+                                "rule",
+                                "decision",
+                                "action",
+                                "instance_id",
+                                "step",
+                                "state",
+                                "attempts",
+                                "detail",
+                                "run_id",
+                                "created_at",
+                                "completed_at",
+                            )
+                        },
+                        "output": _masked_output(row.get("output"), masked),
+                        "error": _mask_text(row.get("error"), masked),
+                    }
+                    for row in actions.to_dict("records")
+                ],
+                "workflows": [
+                    {
+                        **{
+                            k: row[k]
+                            for k in (
+                                "instance_id",
+                                "playbook",
+                                "partition_key",
+                                "workflow",
+                                "state",
+                                "step",
+                                "attempt",
+                                "next_due",
+                                "cancelled_by",
+                                "cancel_reason",
+                                "created_at",
+                                "finished_at",
+                            )
+                        },
+                        "outputs": masked_outputs(
+                            row["outputs"],
+                            personal_columns=masked,
+                            max_chars=4_000,
+                            emails=bool(masked),
+                        ),
+                        "log": _loads_list(row["log"]),
+                        "error": _mask_text(row.get("error"), masked),
+                    }
+                    for row in instances.to_dict("records")
+                ],
+                "escalations": [
+                    _escalation_record(row, masked=masked) for row in cases.to_dict("records")
+                ],
+            }
+        )
+        return
+    if actions.empty and instances.empty and cases.empty:
+        click.echo(
+            f"The ledger holds nothing about entity {entity_id!r}" + _scope(playbook, None) + "."
+        )
+        return
+    click.echo(f"Entity {entity_id}" + _scope(playbook, None) + ":")
+    click.echo("")
+    click.echo(f"Actions and steps ({len(actions):,}):")
+    for row in actions.to_dict("records"):
+        if isinstance(row.get("step"), str) and row["step"]:
+            what = f"step {row['step']} ({row['action']})"
+        elif row["decision"] == "workflow":
+            what = "handed to a workflow"
+        else:
+            action = row["action"] if isinstance(row["action"], str) else ""
+            what = f"{row['decision']} {action}".rstrip()
+        when = pd.Timestamp(row["created_at"]).strftime("%Y-%m-%d %H:%M:%S")
+        click.echo(
+            f"  {when}  {row['partition_key'] or '-'}  {what}: {row['state']}"
+            f" (attempts {row['attempts']}, rule {row['rule']})"
+        )
+        output = _masked_output(row.get("output"), masked)
+        if output:
+            click.echo(f"      output: {output}")
+        error = _mask_text(row.get("error"), masked)
+        if error:
+            click.echo(f"      error:  {error}")
+    if not instances.empty:
+        click.echo("")
+        click.echo(f"Workflows ({len(instances):,}):")
+        for row in instances.to_dict("records"):
+            click.echo(
+                f"  {row['instance_id'][:16]}  {row['partition_key'] or '-'}  {row['workflow']}: "
+                f"{row['state']}" + (f" at {row['step']}" if isinstance(row["step"], str) else "")
+            )
+            for entry in _loads_list(row["log"]):
+                click.echo(
+                    f"      {entry.get('at', '')[:19]}  {entry.get('step')}: {entry.get('outcome')}"
+                    f" (attempt {entry.get('attempt')}) {mask_emails(str(entry.get('detail', '')))}"
+                )
+            if isinstance(row.get("cancelled_by"), str) and row["cancelled_by"]:
+                click.echo(f"      cancelled by {row['cancelled_by']}: {row['cancel_reason']}")
+    if not cases.empty:
+        click.echo("")
+        click.echo(f"Escalations ({len(cases):,}):")
+        for row in cases.to_dict("records"):
+            record = _escalation_record(row, masked=masked)
+            click.echo(
+                f"  {record['key'][:16]}  [{record['status']}]  {record['partition'] or '-'}  "
+                f"{record['kind']}: {record['reason']}"
+            )
+            if record.get("failed_step"):
+                click.echo(f"      failed: step {record['failed_step']}: {record['error']}")
+            if record.get("resolved_by"):
+                click.echo(f"      resolved by {record['resolved_by']}: {record['resolution']}")
+
+
+def _loads_list(raw: Any) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        return []
+    return [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
+
+
+def _masked_output(raw: Any, masked: Sequence[str]) -> str:
+    """One step attempt's output (JSON text), masked like an instance's outputs."""
+    if not isinstance(raw, str) or not raw:
+        return ""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return mask_emails(raw) if masked else raw
+    if not isinstance(data, dict):
+        return mask_emails(str(data)) if masked else str(data)
+    # masked_outputs reads {step: output}; strip the placeholder step name again.
+    line = masked_outputs({"": data}, personal_columns=masked, max_chars=2_000, emails=bool(masked))
+    return ", ".join(part.removeprefix(".") for part in line.split(", "))
+
+
+def _mask_text(raw: Any, masked: Sequence[str]) -> str:
+    if not isinstance(raw, str) or not raw:
+        return ""
+    return mask_emails(raw) if masked else raw
+
+
+@cli.command()
+@_ledger_option
+@click.argument("instance_ids", nargs=-1, required=True, metavar="INSTANCE_ID...")
+@click.option("--by", "by", required=True, help="Who cancels (recorded in the ledger).")
+@click.option("--reason", required=True, help="Why (recorded in the ledger).")
+def cancel(ledger_url: str | None, instance_ids: Sequence[str], by: str, reason: str) -> None:
+    """Stop running or waiting workflow instances (full ids, or unique prefixes of 8+ characters).
+
+    Nothing is cancelled unless every id names exactly one instance that is still active.
+    """
+    if not reason.strip():
+        _fail("--reason is empty; say why the instances are cancelled")
+    ledger = _open(ledger_url)
+    short = [i for i in instance_ids if len(i) < 8]
+    if short:
+        _fail(f"give at least 8 characters of each instance id: {', '.join(short)}")
+    found = ledger.find_instances(list(dict.fromkeys(instance_ids)))
+    problems: list[str] = []
+    chosen: dict[str, dict[Any, Any]] = {}
+    for given, matches in found.items():
+        if matches.empty:
+            problems.append(f"{given}: no workflow instance has this id")
+        elif len(matches) > 1:
+            problems.append(
+                f"{given}: {len(matches)}{'+' if len(matches) >= 10 else ''} instances start "
+                "with it; give more characters"
+            )
+        else:
+            row = matches.iloc[0].to_dict()
+            if row["state"] not in ACTIVE_INSTANCE_STATES:
+                finished = row.get("finished_at")
+                when = (
+                    f" at {pd.Timestamp(finished):%Y-%m-%d %H:%M:%S}"
+                    if finished is not None and not pd.isna(finished)
+                    else ""
+                )
+                by_whom = (
+                    f" by {row['cancelled_by']}" if isinstance(row.get("cancelled_by"), str) else ""
+                )
+                problems.append(
+                    f"{given}: instance {row['instance_id']} (entity {row['entity_id']}) already "
+                    f"ended {row['state']}{by_whom}{when}; only running or waiting instances "
+                    "can be cancelled"
+                )
+            else:
+                chosen[str(row["instance_id"])] = row
+    if problems:
+        _fail("nothing cancelled:\n  " + "\n  ".join(problems))
+    done = set(ledger.cancel_instances(list(chosen), by=by, reason=reason))
+    for instance_id, row in chosen.items():
+        if instance_id in done:
+            click.echo(
+                f"Cancelled {instance_id} (entity {row['entity_id']}, {row['workflow']} at "
+                f"{row['step']}) by {by}: {reason}"
+            )
+        else:
+            click.echo(f"Not cancelled {instance_id}: it ended meanwhile.")
+    if len(done) < len(chosen):
+        sys.exit(1)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,11 +1,14 @@
 """The ``autoexec`` command line against a real SQLite ledger."""
 
+import json
 import re
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 
+from autoexec_dagster import PythonChannel, advance_workflows
 from autoexec_dagster.cli import cli
 from autoexec_dagster.executor.plan_execution import execute_plan
 from autoexec_dagster.ledger.action_ledger import ActionLedger
@@ -238,3 +241,194 @@ def test_without_configuration_the_cli_finds_a_ledger_in_var(
 
     assert result.exit_code == 0, result.output
     assert "Autonomy rate" in result.output
+
+
+# -- workflows ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def workflow_ledger(tmp_path: Path) -> str:
+    """A ledger with the host workflows of partition p1: h001 succeeded, five wait at their poll.
+
+    Driven by execute_plan on the ledger's injected clock (START); only h001 turns healthy.
+    """
+    from tests.test_workflow_sensor import (
+        START,
+        Clock,
+        diagnose,
+        host_playbook,
+        hosts_frame,
+    )
+
+    url = f"sqlite:///{tmp_path / 'workflows.db'}"
+    clock = Clock(START)
+    ledger = ActionLedger(url, clock=clock)
+    playbook = host_playbook()
+    channels = {
+        "diagnose": PythonChannel.from_callable(diagnose),
+        # Never healthy, except for h001: the others keep polling until their timeout.
+        "health": PythonChannel.from_callable(
+            lambda r: {"status": "healthy" if r.entity_id == "h001" else "degraded"}
+        ),
+    }
+    plan = route(hosts_frame(), playbook, partition_key="p1", insight_name="host_scores")
+    execute_plan(plan, playbook=playbook, ledger=ledger, channels=channels, partition_key="p1")
+    return url
+
+
+def _workflow_ids(url: str, state: str | None = None) -> dict[str, str]:
+    rows = ActionLedger(url).instances(states=[state] if state else None)
+    return dict(zip(rows["entity_id"], rows["instance_id"], strict=True))
+
+
+def test_workflows_lists_instances_by_state_with_outputs_masked(workflow_ledger: str) -> None:
+    listed = run("workflows", "--ledger", workflow_ledger, "-p", "hosts")
+
+    assert listed.exit_code == 0, listed.output
+    assert listed.output.startswith("5 waiting, 1 succeeded for playbook 'hosts'")
+    assert (
+        "[waiting]  p1  entity h000  remediate at verify (attempt 2, due 2026-12-01 10:05:30)"
+        in (listed.output)
+    )
+    assert "last:    verify: succeeded (attempt 1)" in listed.output
+    assert "diagnose.cause=service_hung" in listed.output
+    assert "oncall-" not in listed.output and "diagnose.email=o***@example.com" in listed.output
+
+    waiting = run("workflows", "--ledger", workflow_ledger, "-p", "hosts", "--state", "waiting")
+    assert "[succeeded]" not in waiting.output and waiting.output.count("[waiting]") == 5
+    none = run("workflows", "--ledger", workflow_ledger, "-p", "hosts", "--state", "failed")
+    assert "No failed workflow instances for playbook 'hosts'." in none.output
+
+    as_json = run("workflows", "--ledger", workflow_ledger, "-p", "hosts", "-k", "p1", "--json")
+    records = json.loads(as_json.output)
+    assert sorted(r["state"] for r in records) == ["succeeded"] + ["waiting"] * 5
+    h000 = next(r for r in records if r["entity_id"] == "h000")
+    assert h000["step"] == "verify" and h000["next_due"].startswith("2026-12-01T10:05:30")
+    assert "oncall-" not in as_json.output
+    shown = run("workflows", "--ledger", workflow_ledger, "-p", "hosts", "--show-personal")
+    assert "oncall-h000@example.com" in shown.output
+
+
+def test_cancel_records_who_and_why_and_refuses_unknown_or_finished(workflow_ledger: str) -> None:
+    waiting = _workflow_ids(workflow_ledger, "waiting")
+    finished = _workflow_ids(workflow_ledger, "succeeded")["h001"]
+    target = waiting["h000"]
+
+    unknown = run(
+        "cancel",
+        "ffffffffffff",
+        target,
+        "--ledger",
+        workflow_ledger,
+        "--by",
+        "ana",
+        "--reason",
+        "x",
+    )
+    assert unknown.exit_code == 2
+    assert "nothing cancelled" in unknown.output
+    assert "ffffffffffff: no workflow instance has this id" in unknown.output
+    done = run("cancel", finished, "--ledger", workflow_ledger, "--by", "ana", "--reason", "x")
+    assert done.exit_code == 2
+    assert f"instance {finished} (entity h001) already ended succeeded" in done.output
+    # Refused commands changed nothing.
+    assert _workflow_ids(workflow_ledger, "waiting")["h000"] == target
+
+    cancelled = run(
+        "cancel",
+        target[:12],
+        "--ledger",
+        workflow_ledger,
+        "--by",
+        "ana",
+        "--reason",
+        "host decommissioned",
+    )
+    assert cancelled.exit_code == 0, cancelled.output
+    assert f"Cancelled {target} (entity h000, remediate at verify) by ana" in cancelled.output
+    row = ActionLedger(workflow_ledger).instances(entity_id="h000").iloc[0]
+    assert (row["state"], row["cancelled_by"], row["cancel_reason"]) == (
+        "cancelled",
+        "ana",
+        "host decommissioned",
+    )
+    again = run("cancel", target, "--ledger", workflow_ledger, "--by", "bo", "--reason", "x")
+    assert again.exit_code == 2 and "already ended cancelled by ana" in again.output
+
+
+def test_history_shows_every_step_output_and_escalation_of_an_entity(
+    workflow_ledger: str,
+) -> None:
+    from tests.test_workflow_sensor import START, Clock, diagnose, host_playbook
+
+    # Move time past the poll's timeout: h003 (and the others still degraded) fail and escalate.
+    clock = Clock(START + timedelta(minutes=5))
+    ledger = ActionLedger(workflow_ledger, clock=clock)
+    advance_workflows(
+        playbook=host_playbook(),
+        ledger=ledger,
+        channels={
+            "diagnose": PythonChannel.from_callable(diagnose),
+            "health": PythonChannel.from_callable(lambda r: {"status": "degraded"}),
+        },
+    )
+
+    result = run("history", "h003", "--ledger", workflow_ledger)
+
+    assert result.exit_code == 0, result.output
+    lines = result.output
+    assert "p1  handed to a workflow: workflow (attempts 0, rule anomalous)" in lines
+    assert "step diagnose (diagnose): succeeded" in lines
+    assert "output: cause=service_hung, email=o***@example.com" in lines
+    assert lines.count("step verify (health): succeeded") == 2
+    assert "output: status=degraded" in lines
+    assert "remediate: failed" in lines and "verify: failed" in lines
+    assert "workflow_failed: The host did not recover" in lines
+    assert "failed: step verify: step 'verify': poll timed out" in lines
+    assert "oncall-" not in lines
+
+    as_json = json.loads(run("history", "h003", "--ledger", workflow_ledger, "--json").output)
+    assert [a["step"] for a in as_json["actions"] if a["step"]] == [
+        "diagnose",
+        "verify",
+        "verify",
+    ]
+    [instance] = as_json["workflows"]
+    assert instance["state"] == "failed"
+    assert [e["outcome"] for e in instance["log"]][-1] == "failed"
+    [case] = as_json["escalations"]
+    assert case["kind"] == "workflow_failed" and case["failed_step"] == "verify"
+    assert "diagnose.cause=service_hung" in case["outputs"]
+    empty = run("history", "nobody", "--ledger", workflow_ledger)
+    assert "The ledger holds nothing about entity 'nobody'." in empty.output
+
+    escalations = run("escalations", "--ledger", workflow_ledger, "-p", "hosts")
+    assert "failed: step verify: step 'verify': poll timed out" in escalations.output
+    assert "steps:  diagnose.cause=service_hung" in escalations.output
+    assert "evidence" not in escalations.output
+
+
+def test_every_listing_command_speaks_json(ledger_url: str, workflow_ledger: str) -> None:
+    summary = json.loads(run("summary", "--ledger", ledger_url, "--json").output)
+    [partition] = summary["partitions"]
+    assert partition["partition_key"] == "p1"
+    assert summary["open_escalations"] == partition["open_escalations"] > 0
+    assert summary["autonomy_rate"] == pytest.approx(partition["autonomy_rate"])
+    assert {c["state"] for c in summary["counts"]} >= {"succeeded", "escalated"}
+
+    listed = run("escalations", "--ledger", ledger_url, "-p", PLAYBOOK, "-n", "1000", "--json")
+    queue = json.loads(listed.output)
+    assert len(queue) == partition["open_escalations"]
+    assert all("@example.com" not in c["data"] or "***@" in c["data"] for c in queue)
+
+    run("pause", "--ledger", ledger_url, "--reason", "freeze", "--by", "cto")
+    status = json.loads(run("status", "--ledger", ledger_url, "--json").output)
+    assert [(p["scope"], p["by"], p["reason"]) for p in status["paused"]] == [
+        ("*", "cto", "freeze")
+    ]
+
+    hosts = json.loads(run("summary", "--ledger", workflow_ledger, "--json").output)
+    assert hosts["totals"]["workflows"] == 6
+    assert hosts["totals"]["workflows_succeeded"] == 1
+    text = run("summary", "--ledger", workflow_ledger).output
+    assert "handed to a workflow" in text and "1 finished every step" in text

@@ -497,15 +497,23 @@ def _loads(raw: Any, default: Any) -> Any:
     return default if raw is None else raw
 
 
-def masked_outputs(outputs: Any, *, personal_columns: Iterable[str], max_chars: int = 160) -> str:
+def masked_outputs(
+    outputs: Any,
+    *,
+    personal_columns: Iterable[str],
+    max_chars: int = 160,
+    emails: bool = True,
+) -> str:
     """Step outputs (``{step: {field: value}}`` or its JSON) as one short masked line.
 
     Fields whose names are personal columns are masked like the insight's personal columns,
-    e-mail addresses anywhere are masked, and the line is cut at ``max_chars``.
+    e-mail addresses anywhere are masked (unless ``emails`` is False: a person who asked to see
+    personal data), and the line is cut at ``max_chars``.
     """
+    keep = mask_emails if emails else str
     data = _loads(outputs, {})
     if not isinstance(data, Mapping):
-        text = mask_emails(str(data))
+        text = keep(str(data))
         return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
     personal = tuple(personal_columns)
     parts = []
@@ -520,7 +528,7 @@ def masked_outputs(outputs: Any, *, personal_columns: Iterable[str], max_chars: 
                 parts.append(f"{step}.{name}={shown}")
         else:
             parts.append(f"{step}={output}")
-    text = mask_emails(", ".join(parts))
+    text = keep(", ".join(parts))
     return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
 
 

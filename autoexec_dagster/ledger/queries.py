@@ -438,6 +438,42 @@ class LedgerQueries(LedgerBase):
         values = [float(v) for v in conn.execute(middle).scalars() if v is not None]
         return sum(values) / len(values) if values else None
 
+    def find_instances(self, ids: Sequence[str], *, limit: int = 10) -> dict[str, pd.DataFrame]:
+        """Workflow instances named by full ids or id prefixes: per id given, its matches.
+
+        Args:
+            ids: Instance ids, or their leading characters.
+            limit: Most matches returned per prefix (enough to say a prefix is ambiguous).
+        """
+        w = schema.workflow_instances
+        columns = [
+            w.c.instance_id,
+            w.c.playbook,
+            w.c.partition_key,
+            w.c.entity_id,
+            w.c.workflow,
+            w.c.state,
+            w.c.step,
+            w.c.finished_at,
+            w.c.cancelled_by,
+        ]
+        found: dict[str, pd.DataFrame] = {}
+        with self._read("find workflow instances") as conn:
+            for given in ids:
+                exact = pd.read_sql(sa.select(*columns).where(w.c.instance_id == given), conn)
+                if len(exact):
+                    found[given] = exact
+                    continue
+                pattern = given.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                found[given] = pd.read_sql(
+                    sa.select(*columns)
+                    .where(w.c.instance_id.like(f"{pattern}%", escape="\\"))
+                    .order_by(w.c.instance_id)
+                    .limit(limit),
+                    conn,
+                )
+        return found
+
     def workflow_preview(self, *, playbook: str, partition_key: str, limit: int) -> pd.DataFrame:
         """Up to ``limit`` workflow instances of a partition: failed first, then those moving.
 
