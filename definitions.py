@@ -1,32 +1,55 @@
-"""The reference deployment's Dagster definitions: the churn pipeline plus its execution layer.
+"""The reference deployment's Dagster definitions: every story's pipeline plus its execution layer.
+
+- churn: ``raw_customers -> churn_model -> churn_scores`` (daily), acted on by the
+  ``churn_outreach`` playbook (retention emails, CRM tasks, escalations);
+- host remediation: ``host_metrics_history -> host_anomaly_model -> host_anomalies`` (hourly),
+  acted on by the ``host_remediation`` playbook (isolate, diagnose, remediate, verify, reinstate
+  as a durable workflow; database hosts and failed remedies to a person).
 
 Loaded by ``dagster-webserver -w workspace.yaml`` and ``dagster-daemon run -w workspace.yaml``.
-The execution layer is configured from the environment (see :mod:`resources.channels` and
-:mod:`sensors.churn_execution`); building the definitions opens no database and no connection.
+Each execution layer is configured from the environment (see :mod:`resources.channels`,
+:mod:`resources.host_channels` and :mod:`sensors.settings`); building the definitions opens no
+database and no connection.
 """
 
 import dagster as dg
 
-from assets import churn_assets
-from sensors import build_churn_execution_defs, churn_scoring_job, churn_scoring_schedule
+from assets import churn_assets, host_assets
+from sensors import (
+    build_churn_execution_defs,
+    build_host_remediation_execution_defs,
+    churn_scoring_job,
+    churn_scoring_schedule,
+    host_scoring_job,
+    host_scoring_schedule,
+)
 
 
-def build_defs(execution_defs: dg.Definitions | None = None) -> dg.Definitions:
-    """The churn assets, the daily scoring job and schedule, merged with an execution layer.
+def build_defs(
+    churn_execution: dg.Definitions | None = None,
+    *,
+    host_execution: dg.Definitions | None = None,
+) -> dg.Definitions:
+    """Every story's assets, scoring jobs and schedules, merged with their execution layers.
 
     Args:
-        execution_defs: The execution layer; None builds it from the environment.
+        churn_execution: The churn playbook's execution layer; None builds it from the
+            environment.
+        host_execution: The host-remediation playbook's execution layer; None builds it from
+            the environment.
 
     Returns:
         The deployment's definitions.
     """
-    pipeline = dg.Definitions(
-        assets=churn_assets,
-        jobs=[churn_scoring_job],
-        schedules=[churn_scoring_schedule],
+    pipelines = dg.Definitions(
+        assets=[*churn_assets, *host_assets],
+        jobs=[churn_scoring_job, host_scoring_job],
+        schedules=[churn_scoring_schedule, host_scoring_schedule],
     )
     return dg.Definitions.merge(
-        pipeline, execution_defs if execution_defs is not None else build_churn_execution_defs()
+        pipelines,
+        churn_execution if churn_execution is not None else build_churn_execution_defs(),
+        host_execution if host_execution is not None else build_host_remediation_execution_defs(),
     )
 
 

@@ -1,7 +1,9 @@
 """The reference deployment's demo (``make demo``) and local UI (``make ui``).
 
-This package holds what both share and imports nothing heavy, so ``python -m demo.ui`` starts at
-once: where the Dagster instance lives, and the local CRM secret.
+The stories live in their own modules (:mod:`demo.churn`, :mod:`demo.hosts`), the Dagster
+plumbing they share in :mod:`demo.runs`. This package holds what the demo and the UI share and
+imports nothing heavy, so ``python -m demo.ui`` starts at once: where the Dagster instance lives,
+and the local destinations' signing secrets.
 """
 
 import base64
@@ -14,6 +16,7 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 DAGSTER_YAML_TEMPLATE = PROJECT_DIR / "dagster.yaml"
 DEFAULT_DAGSTER_HOME = PROJECT_DIR / ".dagster_home"
 CRM_SECRET_ENV = "CRM_WEBHOOK_SECRET"
+INFRA_SECRET_ENV = "INFRA_API_SECRET"
 
 
 def prepare_dagster_home() -> Path:
@@ -37,18 +40,31 @@ def prepare_dagster_home() -> Path:
     return home
 
 
-def ensure_crm_secret() -> str:
-    """The CRM's webhook signing secret, generated into the environment when unset.
+def ensure_secret(name: str) -> str:
+    """A webhook signing secret, generated into the environment variable ``name`` when unset.
 
-    The demo's CRM receiver and the webhook channel read the same variable, so a fresh random
-    secret per session is enough; a real deployment sets it from its secret store.
+    The demo's local destinations and the webhook channels read the same variable, so a fresh
+    random secret per session is enough; a real deployment sets it from its secret store.
+
+    Args:
+        name: The environment variable.
 
     Returns:
         The secret (``whsec_<base64>``).
     """
-    current = os.environ.get(CRM_SECRET_ENV, "").strip()
+    current = os.environ.get(name, "").strip()
     if current:
         return current
     generated = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-    os.environ[CRM_SECRET_ENV] = generated
+    os.environ[name] = generated
     return generated
+
+
+def ensure_crm_secret() -> str:
+    """The CRM's webhook signing secret (``$CRM_WEBHOOK_SECRET``); see :func:`ensure_secret`."""
+    return ensure_secret(CRM_SECRET_ENV)
+
+
+def ensure_infra_secret() -> str:
+    """The infrastructure API's signing secret (``$INFRA_API_SECRET``); see :func:`ensure_secret`."""
+    return ensure_secret(INFRA_SECRET_ENV)

@@ -1,16 +1,21 @@
 """``make ui``: the reference deployment in the Dagster UI, with the daemon and local receivers.
 
-Starts three child processes on the instance at ``$DAGSTER_HOME`` (default ``.dagster_home``,
+Starts four child processes on the instance at ``$DAGSTER_HOME`` (default ``.dagster_home``,
 with the project's ``dagster.yaml`` copied in when it has none):
 
-1. the local receivers (``python -m resources.local_receivers``): the SMTP sink filing emails into
-   ``var/mailbox`` and the CRM receiver, on the ports the channels use (``AUTOEXEC_SMTP_PORT``,
-   ``AUTOEXEC_CRM_URL``; 8025 and 9000 by default);
-2. ``dagster-webserver -w workspace.yaml`` on http://127.0.0.1:3000;
-3. ``dagster-daemon run -w workspace.yaml``, which ticks the execution sensor and the scoring
-   schedule once they are switched on (or started with ``AUTOEXEC_SENSOR_STATUS=running``).
+1. the churn story's local receivers (``python -m resources.local_receivers``): the SMTP sink
+   filing emails into ``var/mailbox`` and the CRM receiver, on the ports the channels use
+   (``AUTOEXEC_SMTP_PORT``, ``AUTOEXEC_CRM_URL``; 8025 and 9000 by default);
+2. the host story's infrastructure API (``python -m resources.infra_api``) on the port of
+   ``AUTOEXEC_INFRA_API_URL`` (9100 by default), on real time with its production delays,
+   keeping its record in ``var/infra.sqlite``;
+3. ``dagster-webserver -w workspace.yaml`` on http://127.0.0.1:3000;
+4. ``dagster-daemon run -w workspace.yaml``, which ticks the execution and workflow sensors and
+   the scoring schedules once they are switched on (or started with
+   ``AUTOEXEC_SENSOR_STATUS=running``).
 
-Ctrl-C or SIGTERM stops all three; the receivers also stop by themselves if this process dies.
+Ctrl-C or SIGTERM stops all four; the local destinations also stop by themselves if this process
+dies.
 """
 
 import argparse
@@ -26,9 +31,10 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 from urllib.parse import urlsplit
 
-from demo import PROJECT_DIR, ensure_crm_secret, prepare_dagster_home
+from demo import PROJECT_DIR, ensure_crm_secret, ensure_infra_secret, prepare_dagster_home
 
 BIN_DIR = Path(sys.executable).parent
 STARTUP_TIMEOUT_SECONDS = 120.0
@@ -83,8 +89,15 @@ class Children:
                 proc.wait()
 
 
-def read_ready_line(proc: subprocess.Popen[str], timeout: float) -> dict[str, object]:
-    """Wait for the receivers' JSON ready line.
+def read_ready_line(
+    proc: subprocess.Popen[str], timeout: float, *, name: str = "the local receivers"
+) -> dict[str, Any]:
+    """Wait for the JSON ready line a local destination prints once it listens.
+
+    Args:
+        proc: The process, started with ``stdout=subprocess.PIPE``.
+        timeout: Seconds to wait.
+        name: What to call it in messages.
 
     Raises:
         RuntimeError: The process exited or printed nothing before the deadline.
@@ -93,10 +106,10 @@ def read_ready_line(proc: subprocess.Popen[str], timeout: float) -> dict[str, ob
     with selectors.DefaultSelector() as selector:
         selector.register(proc.stdout, selectors.EVENT_READ)
         if not selector.select(timeout):
-            raise RuntimeError(f"the local receivers printed nothing within {timeout:.0f} s")
+            raise RuntimeError(f"{name} printed nothing within {timeout:.0f} s")
     line = proc.stdout.readline()
     if not line:
-        raise RuntimeError(f"the local receivers exited with code {proc.wait()}")
+        raise RuntimeError(f"{name} exited with code {proc.wait()}")
     return json.loads(line)
 
 
@@ -137,9 +150,12 @@ def run(host: str, port: int) -> int:
     """
     home = prepare_dagster_home()
     ensure_crm_secret()
+    ensure_infra_secret()
     from resources.channels import crm_db_path, default_crm_url, default_smtp_port, mailbox_dir
+    from resources.host_channels import default_infra_api_url, infra_db_path
 
     crm_port = urlsplit(default_crm_url()).port or 80
+    infra_port = urlsplit(default_infra_api_url()).port or 80
     signal.signal(signal.SIGTERM, _stop)
     children = Children()
     try:
@@ -160,6 +176,20 @@ def run(host: str, port: int) -> int:
         ready = read_ready_line(receivers, STARTUP_TIMEOUT_SECONDS)
         print(f"SMTP sink on 127.0.0.1:{ready['smtp_port']} -> {ready['mailbox']}")
         print(f"CRM receiver on {ready['crm_url']} -> {ready['crm_db']}")
+        infra = children.start(
+            "infrastructure API",
+            [
+                sys.executable,
+                "-m",
+                "resources.infra_api",
+                f"--port={infra_port}",
+                f"--db={infra_db_path()}",
+                f"--owner-pid={os.getpid()}",
+            ],
+            stdout=subprocess.PIPE,
+        )
+        api = read_ready_line(infra, STARTUP_TIMEOUT_SECONDS, name="the infrastructure API")
+        print(f"Infrastructure API on {api['url']} -> {api['db']}")
         workspace = str(PROJECT_DIR / "workspace.yaml")
         webserver = children.start(
             "dagster-webserver",
@@ -197,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m demo.ui",
         description="Dagster webserver and daemon on the reference deployment, with the local "
-        "SMTP sink and CRM receiver.",
+        "SMTP sink and CRM receiver (churn) and the infrastructure API (host remediation).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="webserver address (127.0.0.1)")
     parser.add_argument("--port", type=int, default=3000, help="webserver port (3000)")

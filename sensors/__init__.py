@@ -1,25 +1,34 @@
-"""Sensors and schedules of the reference deployment.
+"""Sensors and schedules of the reference deployment, one pair of modules per story.
 
 - :mod:`sensors.churn_execution`: the churn playbook's execution layer (execution assets, checks,
   job and the sensor that answers each new ``churn_scores`` partition).
 - :mod:`sensors.churn_scoring`: the daily job and schedule that produce ``churn_scores``.
+- :mod:`sensors.host_remediation`: the host-remediation playbook's execution layer over
+  ``host_anomalies`` (the same, plus the sensor that advances waiting workflows).
+- :mod:`sensors.host_scoring`: the hourly job and schedule that produce ``host_anomalies``.
+- :mod:`sensors.settings`: the sensors' status and interval, shared by every story.
 """
 
-from sensors.churn_execution import (
+from sensors.churn_execution import build_churn_execution_defs
+from sensors.churn_scoring import churn_scoring_job, churn_scoring_schedule
+from sensors.host_remediation import build_host_remediation_execution_defs
+from sensors.host_scoring import host_scoring_job, host_scoring_schedule
+from sensors.settings import (
     SENSOR_INTERVAL_ENV,
     SENSOR_STATUS_ENV,
-    build_churn_execution_defs,
     sensor_interval_from_env,
     sensor_status_from_env,
 )
-from sensors.churn_scoring import churn_scoring_job, churn_scoring_schedule
 
 __all__ = [
     "SENSOR_INTERVAL_ENV",
     "SENSOR_STATUS_ENV",
     "build_churn_execution_defs",
+    "build_host_remediation_execution_defs",
     "churn_scoring_job",
     "churn_scoring_schedule",
+    "host_scoring_job",
+    "host_scoring_schedule",
     "sensor_interval_from_env",
     "sensor_status_from_env",
 ]

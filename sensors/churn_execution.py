@@ -9,10 +9,10 @@ blocking checks on ``churn_scores``, the job ``churn_outreach_execution_job`` an
 
 The sensor is STOPPED unless ``AUTOEXEC_SENSOR_STATUS=running``: switching it on makes every new
 ``churn_scores`` partition send emails and create CRM tasks, which should be a decision. Its
-interval is ``AUTOEXEC_SENSOR_INTERVAL_SECONDS`` (default 30; the end-to-end tests use 5).
+interval is ``AUTOEXEC_SENSOR_INTERVAL_SECONDS`` (default 30; the end-to-end tests use 5); see
+:mod:`sensors.settings`.
 """
 
-import os
 from collections.abc import Mapping
 
 import dagster as dg
@@ -22,63 +22,25 @@ from autoexec_dagster import ActionLedger, Channel
 from autoexec_dagster.dagster.defs_factory import build_execution_defs
 from resources import CHURN_PLAYBOOK_PATH
 from resources.channels import churn_channels, default_ledger_url
+from sensors.settings import (
+    SENSOR_INTERVAL_ENV,
+    SENSOR_STATUS_ENV,
+    sensor_interval_from_env,
+    sensor_status_from_env,
+)
 
-SENSOR_STATUS_ENV = "AUTOEXEC_SENSOR_STATUS"
-SENSOR_INTERVAL_ENV = "AUTOEXEC_SENSOR_INTERVAL_SECONDS"
-DEFAULT_SENSOR_INTERVAL_SECONDS = 30
+__all__ = [
+    "SENSOR_INTERVAL_ENV",
+    "SENSOR_STATUS_ENV",
+    "build_churn_execution_defs",
+    "sensor_interval_from_env",
+    "sensor_status_from_env",
+]
+
 # churn_scores records how many customers score at or above the flag threshold (0.5) under this
 # key. Every rule of the churn playbook requires churn_score >= 0.5, so that count is exactly the
 # number the playbook flags, and the sensor decides without loading 20,000 rows per partition.
 FLAGGED_METADATA_KEY = "flagged"
-
-_STATUSES = {
-    "running": dg.DefaultSensorStatus.RUNNING,
-    "stopped": dg.DefaultSensorStatus.STOPPED,
-}
-
-
-def sensor_status_from_env(environ: Mapping[str, str] | None = None) -> dg.DefaultSensorStatus:
-    """The sensor's default status from ``$AUTOEXEC_SENSOR_STATUS`` (``running`` or ``stopped``).
-
-    Args:
-        environ: Environment to read; the process environment when None.
-
-    Returns:
-        STOPPED when the variable is unset or empty.
-
-    Raises:
-        ValueError: The variable holds anything else; a typo must not silently leave a
-            deployment that should act doing nothing (or the reverse).
-    """
-    raw = (os.environ if environ is None else environ).get(SENSOR_STATUS_ENV, "").strip().lower()
-    if not raw:
-        return dg.DefaultSensorStatus.STOPPED
-    try:
-        return _STATUSES[raw]
-    except KeyError:
-        raise ValueError(
-            f"{SENSOR_STATUS_ENV} must be 'running' or 'stopped', got {raw!r}"
-        ) from None
-
-
-def sensor_interval_from_env(environ: Mapping[str, str] | None = None) -> int:
-    """The least time between two sensor ticks, from ``$AUTOEXEC_SENSOR_INTERVAL_SECONDS``.
-
-    Args:
-        environ: Environment to read; the process environment when None.
-
-    Returns:
-        Seconds, 30 when the variable is unset or empty.
-
-    Raises:
-        ValueError: The variable is not a positive whole number.
-    """
-    raw = (os.environ if environ is None else environ).get(SENSOR_INTERVAL_ENV, "").strip()
-    if not raw:
-        return DEFAULT_SENSOR_INTERVAL_SECONDS
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"{SENSOR_INTERVAL_ENV} must be a whole number >= 1, got {raw!r}")
-    return int(raw)
 
 
 def build_churn_execution_defs(

@@ -1,7 +1,8 @@
 """``make demo`` tells the churn story end to end, and a second run for the same day sends nothing.
 
-The demo runs as ``python -m demo``, as ``make demo`` runs it, against a temporary DAGSTER_HOME and
-var folder, at full size (20,000 customers a day).
+The demo runs as ``python -m demo churn``, the churn half of ``make demo``, against a temporary
+DAGSTER_HOME and var folder, at full size (20,000 customers a day). The host story has its own
+test, tests/test_demo_hosts.py.
 """
 
 import os
@@ -28,7 +29,7 @@ def _run_demo(home: Path, var: Path) -> str:
         "AUTOEXEC_VAR_DIR": str(var),
     }
     result = subprocess.run(
-        [sys.executable, "-m", "demo", "--partition", DAY],
+        [sys.executable, "-m", "demo", "churn", "--partition", DAY],
         cwd=REPO,
         env=env,
         capture_output=True,
