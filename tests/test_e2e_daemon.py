@@ -4,8 +4,13 @@ Two ``churn_scores`` partitions are materialized before the daemon starts; with 
 sensor running (``AUTOEXEC_SENSOR_STATUS=running``, 5 s interval) its first tick must launch
 exactly one run per partition, both runs must succeed and deliver through the real SMTP sink and
 CRM receiver, and the next tick must launch nothing.
+
+A second test runs the workflow story under the daemon: a host insight partition lands, the
+insight sensor's run starts the workflows, and the workflow sensor's runs advance them through a
+2 s poll to the end; the partition's actions asset records each step of the progress.
 """
 
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -137,3 +142,113 @@ def test_daemon_sensor_launches_one_run_per_new_partition(tmp_path: Path) -> Non
         assert sink.deliveries == len(sink.mailbox_files()) == int(succeeded["retention_email"])
         assert crm.task_count() == int(succeeded["crm_task"])
         assert crm.counts["duplicates"] == 0 and crm.counts["rejected"] == 0
+
+
+# -- workflows ----------------------------------------------------------------------------------
+
+WORKFLOW_PLAYBOOK = "daemon_hosts"
+WORKFLOW_JOB = f"{WORKFLOW_PLAYBOOK}_execution_job"
+WORKFLOW_SENSOR = f"{WORKFLOW_PLAYBOOK}_workflows_sensor"
+WORKFLOW_TIMEOUT = 240.0
+# The test playbook's health check is healthy on its third poll.
+HEALTHY_POLLS = 3
+
+
+def _actions_metadata(instance: dg.DagsterInstance, partition: str) -> list[dict]:
+    """Metadata of every materialization of the partition's actions asset, oldest first."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(
+            asset_key=dg.AssetKey([WORKFLOW_PLAYBOOK, "actions"]), asset_partitions=[partition]
+        ),
+        limit=100,
+        ascending=True,
+    ).records
+    found = []
+    for record in records:
+        materialization = record.asset_materialization
+        assert materialization is not None
+        found.append({k: v.value for k, v in materialization.metadata.items()})
+    return found
+
+
+def test_daemon_sensors_start_workflows_and_advance_them_through_a_poll(tmp_path: Path) -> None:
+    import os
+
+    from tests import workflow_daemon_defs as app
+
+    deployment = Deployment.create(tmp_path)
+    workspace = tmp_path / "workspace.yaml"
+    workspace.write_text(
+        "load_from:\n"
+        "  - python_file:\n"
+        f"      relative_path: {Path(app.__file__).resolve()}\n"
+        f"      working_directory: {Path(__file__).resolve().parents[1]}\n"
+        "      location_name: workflows\n"
+    )
+    log = tmp_path / "daemon.log"
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(deployment.home),
+        "AUTOEXEC_LEDGER_URL": deployment.ledger_url,
+    }
+    with instance_at(deployment.home) as instance:
+        landed = dg.materialize(
+            [app.daemon_host_anomalies], instance=instance, partition_key=app.PARTITION
+        )
+        assert landed.success
+        started = time.monotonic()
+        daemon = start_process(
+            [str(BIN_DIR / "dagster-daemon"), "run", "-w", str(workspace)], env=env, log=log
+        )
+        try:
+            ledger = ActionLedger(deployment.ledger_url)
+
+            def all_succeeded() -> dict | None:
+                counts = ledger.instance_counts(playbook=WORKFLOW_PLAYBOOK)
+                if counts.get("succeeded", 0) != app.HOSTS:
+                    return None
+                runs = instance.get_runs(dg.RunsFilter(job_name=WORKFLOW_JOB))
+                return counts if all(r.is_finished for r in runs) else None
+
+            counts = wait_for(
+                all_succeeded,
+                timeout=WORKFLOW_TIMEOUT,
+                what=f"{app.HOSTS} workflow instances succeeded and their runs finished",
+                alive=daemon,
+                log=log,
+            )
+            elapsed = time.monotonic() - started
+        finally:
+            stop_process(daemon)
+
+        assert counts == {"succeeded": app.HOSTS}
+        runs = instance.get_runs(dg.RunsFilter(job_name=WORKFLOW_JOB), ascending=True)
+        assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs), [
+            (r.run_id, r.status) for r in runs
+        ]
+        sensors = [r.tags.get("dagster/sensor_name") for r in runs]
+        # The insight sensor started the workflows; the workflow sensor advanced them.
+        assert sensors[0] == f"{WORKFLOW_PLAYBOOK}_sensor"
+        assert sensors.count(f"{WORKFLOW_PLAYBOOK}_sensor") == 1
+        assert sensors.count(WORKFLOW_SENSOR) >= HEALTHY_POLLS - 1
+        assert all(r.tags.get("dagster/partition") == app.PARTITION for r in runs)
+
+        history = _actions_metadata(instance, app.PARTITION)
+        assert len(history) == len(runs) >= HEALTHY_POLLS
+        first, last = history[0], history[-1]
+        assert first["workflows_started"] == app.HOSTS
+        assert first["workflows_waiting"] == app.HOSTS and first["workflows_succeeded"] == 0
+        assert first["workflows_waiting_until"] != "-"
+        assert last["workflows_succeeded"] == app.HOSTS and last["workflows_waiting"] == 0
+        assert last["workflows_waiting_until"] == "-"
+        assert last["autonomy_rate"] == 1.0
+        # Succeeded counts only grow from one materialization to the next.
+        succeeded = [m["workflows_succeeded"] for m in history]
+        assert succeeded == sorted(succeeded)
+
+    # Each host was polled until its third attempt, once per attempt, spaced by `every`.
+    steps = ledger.actions(playbook=WORKFLOW_PLAYBOOK, states=["succeeded"])
+    polls = steps[steps["step"] == "verify"].groupby("entity_id").size()
+    assert polls.to_dict() == {f"web-{i:02d}": HEALTHY_POLLS for i in range(app.HOSTS)}
+    ledger.dispose()
+    print(f"\nworkflow daemon test: {len(runs)} runs, all instances succeeded in {elapsed:.1f} s")
