@@ -222,6 +222,12 @@ class ExecutionComponent(dg.Component, dg.Model, dg.Resolvable):
         description="Whether the sensor runs without being switched on in the UI.",
     )
     minimum_interval_seconds: int = Field(default=30, ge=1, description="Sensor tick interval.")
+    workflow_sensor_interval_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        description="Tick interval of the workflow sensor (playbooks with workflows); default: "
+        "minimum_interval_seconds.",
+    )
     flagged_metadata_key: str = Field(
         default=FLAGGED_METADATA_KEY,
         description="Insight metadata key holding the number of flagged entities.",
@@ -319,6 +325,7 @@ class ExecutionComponent(dg.Component, dg.Model, dg.Resolvable):
             if self.sensor_default_status == "running"
             else dg.DefaultSensorStatus.STOPPED,
             minimum_interval_seconds=self.minimum_interval_seconds,
+            workflow_sensor_interval_seconds=self.workflow_sensor_interval_seconds,
             flagged_metadata_key=self.flagged_metadata_key,
             schedule=self.schedule,
             schedule_default_status=dg.DefaultScheduleStatus.RUNNING
