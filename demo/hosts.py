@@ -750,8 +750,7 @@ def run(hour: str, *, verbose: bool = False) -> int:
     """
     home = prepare_dagster_home()
     ensure_infra_secret()
-    # Light imports only until the API process is on its way: it loads the host inventory
-    # (Dagster, scikit-learn) while this process loads the deployment.
+    say("hosts: loading the deployment (Dagster, scikit-learn, the host assets, autoexec_dagster)")
     from resources.channels import default_ledger_url, var_dir
     from resources.host_channels import infra_db_path
 
@@ -761,11 +760,10 @@ def run(hour: str, *, verbose: bool = False) -> int:
     clock = DemoClock(var / CLOCK_FILE_NAME)
     start = clock.start()
     with ExitStack() as stack:
+        # Started before the rest of the deployment is imported: the API process loads the host
+        # inventory (scikit-learn, Dagster) meanwhile.
         api = InfraApiProcess(db=api_db, clock_file=clock.path, log_file=var / API_LOG_NAME)
         stack.callback(api.stop)
-        say(
-            "hosts: loading the deployment (Dagster, scikit-learn, the host assets, autoexec_dagster)"
-        )
 
         import dagster as dg
 

@@ -39,8 +39,12 @@ from demo import PROJECT_DIR, ensure_crm_secret, ensure_infra_secret, prepare_da
 BIN_DIR = Path(sys.executable).parent
 STARTUP_TIMEOUT_SECONDS = 120.0
 STOP_TIMEOUT_SECONDS = 15.0
-# The insight with everything upstream (data, model) and downstream (plan, escalations, actions).
-LINEAGE_PATH = "/assets/churn_scores?view=lineage&lineageScope=neighbors&lineageDepth=3"
+# Each story's insight with everything upstream (data, model) and downstream (plan, escalations,
+# actions).
+LINEAGE_PATHS = {
+    "churn": "/assets/churn_scores?view=lineage&lineageScope=neighbors&lineageDepth=3",
+    "host remediation": "/assets/host_anomalies?view=lineage&lineageScope=neighbors&lineageDepth=3",
+}
 
 
 class Children:
@@ -200,7 +204,8 @@ def run(host: str, port: int) -> int:
         wait_for_webserver(url, webserver, STARTUP_TIMEOUT_SECONDS)
         print()
         print(f"Dagster UI: {url}   (instance: {home})")
-        print(f"Lineage, model to action: {url}{LINEAGE_PATH}")
+        for story, path in LINEAGE_PATHS.items():
+            print(f"Lineage, model to action ({story}): {url}{path}")
         print("Ctrl-C stops everything.")
         while (gone := children.exited()) is None:
             time.sleep(1.0)
