@@ -65,7 +65,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sqlite3
 import sys
 import threading
@@ -75,7 +74,7 @@ from typing import Any
 
 from aiohttp import web
 
-from resources.local_servers import LOOPBACK, AiohttpServer
+from resources.local_servers import LOOPBACK, SqliteAiohttpServer
 
 __all__ = [
     "ACTION_ENDPOINTS",
@@ -226,7 +225,7 @@ def _default_partition_hour(text: str) -> str:
     return partition_key_of(partition_hour(text))
 
 
-class InfraApi(AiohttpServer):
+class InfraApi(SqliteAiohttpServer):
     """An HTTP server on 127.0.0.1 that keeps each host's state and answers remediation steps.
 
     See the module docstring for the endpoints, the host model and the delivery semantics.
@@ -254,6 +253,8 @@ class InfraApi(AiohttpServer):
         ValueError: A malformed secret, or a rate or delay out of range.
     """
 
+    schema = _SCHEMA
+
     name = "infra-api"
 
     def __init__(
@@ -277,7 +278,7 @@ class InfraApi(AiohttpServer):
         # Imported here: the library pulls in Dagster, which `--help` should not wait for.
         from autoexec_dagster.channels.webhook import signing_key, verify_signature
 
-        super().__init__(port)
+        super().__init__(db_path, port)
         signing_key(secret)  # a malformed secret fails here (ValueError), not on each request
         for label, rate in (("failure_rate", failure_rate), ("lost_reply_rate", lost_reply_rate)):
             if not 0.0 <= rate <= 1.0:
@@ -288,7 +289,6 @@ class InfraApi(AiohttpServer):
             raise ValueError("delays must be >= 0 seconds")
         self._secret = secret
         self._verify = verify_signature
-        self.db_path = Path(db_path)
         self.clock = clock or _utc_now
         self.restart_delay = dt.timedelta(seconds=restart_delay_seconds)
         self.clean_disk_delay = dt.timedelta(seconds=clean_disk_delay_seconds)
@@ -300,7 +300,6 @@ class InfraApi(AiohttpServer):
         self._faults = faults or _default_faults
         self._hosts = frozenset(hosts if hosts is not None else _default_hosts())
         self._partition_hour = partition_hour or _default_partition_hour
-        self._db: sqlite3.Connection | None = None
         self._counts_lock = threading.Lock()
         self._counts: dict[str, int] = {}
 
@@ -363,22 +362,6 @@ class InfraApi(AiohttpServer):
             return await self._handle(endpoint, request)
 
         return handle
-
-    async def _open(self, sock: socket.socket) -> None:
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.db_path, isolation_level=None)
-        # WAL lets a person (or a test) query the tables while requests arrive.
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_SCHEMA)
-        self._db = db
-        await super()._open(sock)
-
-    async def _close(self) -> None:
-        await super()._close()
-        if self._db is not None:
-            self._db.close()
-            self._db = None
 
     def _fails(self, key: str, attempt: int) -> str | None:
         """Whether this arrival of a key fails, and how: a hash, not a shared random stream."""

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sqlite3
 import sys
 import threading
@@ -39,8 +38,8 @@ from aiohttp import web
 
 from resources.local_servers import (
     LOOPBACK,
-    AiohttpServer,
     SmtpSink,
+    SqliteAiohttpServer,
     mailbox_filename,
 )
 
@@ -65,7 +64,7 @@ CREATE TABLE IF NOT EXISTS crm_tasks (
 """
 
 
-class CrmReceiver(AiohttpServer):
+class CrmReceiver(SqliteAiohttpServer):
     """An HTTP server on 127.0.0.1 that turns signed webhooks into CRM tasks.
 
     Not the tests' ``WebhookReceiver``: this one answers as a CRM would and keeps its tasks in
@@ -89,6 +88,8 @@ class CrmReceiver(AiohttpServer):
         latency_seconds: Delay added to every POST, to act like a remote system.
     """
 
+    schema = _CRM_SCHEMA
+
     name = "crm-receiver"
 
     def __init__(
@@ -104,14 +105,12 @@ class CrmReceiver(AiohttpServer):
         # standalone receivers process refused for its configuration should not wait for.
         from autoexec_dagster.channels.webhook import signing_key, verify_signature
 
-        super().__init__(port)
+        super().__init__(db_path, port)
         signing_key(secret)  # a malformed secret fails here (ValueError), not on each request
         self._secret = secret
         self._verify = verify_signature
-        self.db_path = Path(db_path)
         self.tolerance_seconds = tolerance_seconds
         self.latency_seconds = latency_seconds
-        self._db: sqlite3.Connection | None = None
         self._counts_lock = threading.Lock()
         self._counts = {"created": 0, "duplicates": 0, "rejected": 0}
 
@@ -146,22 +145,6 @@ class CrmReceiver(AiohttpServer):
         app.router.add_post("/tasks", self._create_task)
         app.router.add_get("/tasks", self._count_tasks)
         return app
-
-    async def _open(self, sock: socket.socket) -> None:
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.db_path, isolation_level=None)
-        # WAL lets a person query the table while tasks arrive.
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute(_CRM_SCHEMA)
-        self._db = db
-        await super()._open(sock)
-
-    async def _close(self) -> None:
-        await super()._close()
-        if self._db is not None:
-            self._db.close()
-            self._db = None
 
     async def _create_task(self, request: web.Request) -> web.Response:
         body = await request.read()

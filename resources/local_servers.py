@@ -26,6 +26,7 @@ import os
 import random
 import re
 import socket
+import sqlite3
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -249,6 +250,37 @@ class AiohttpServer(BackgroundServer):
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+class SqliteAiohttpServer(AiohttpServer):
+    """An :class:`AiohttpServer` that keeps its state in a SQLite file a person can open.
+
+    Subclasses set ``schema`` (SQL run on open) and read and write ``self._db`` from their
+    handlers; the file opens with the server and closes after it.
+    """
+
+    schema = ""
+
+    def __init__(self, db_path: str | os.PathLike[str], port: int = 0) -> None:
+        super().__init__(port)
+        self.db_path = Path(db_path)
+        self._db: sqlite3.Connection | None = None
+
+    async def _open(self, sock: socket.socket) -> None:
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.db_path, isolation_level=None)
+        # WAL lets a person (or a test) query the tables while requests arrive.
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(self.schema)
+        self._db = db
+        await super()._open(sock)
+
+    async def _close(self) -> None:
+        await super()._close()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
 
 # -- the SMTP sink -----------------------------------------------------------------------------
