@@ -321,7 +321,7 @@ METADATA_STATE_JS = """
     community: text.includes("Join the Dagster community"),
     ready: text.includes("run_already_done") && text.includes("autonomy_rate")
       && text.includes("__DAY__"),
-    height: document.documentElement.scrollHeight,
+    height: document.documentElement ? document.documentElement.scrollHeight : 0,
   };
 })()
 """.replace("__DAY__", DAY)
