@@ -38,7 +38,7 @@ import requests
 from autoexec_dagster.channels.webhook import WebhookChannel
 from autoexec_dagster.executor.plan_execution import execute_plan
 from autoexec_dagster.executor.report import ExecutionReport
-from autoexec_dagster.ledger.action_ledger import ActionLedger, Outcome
+from autoexec_dagster.ledger.action_ledger import ActionLedger, Outcome, WorkItem
 from autoexec_dagster.playbook import Guardrails, Playbook, Rule
 from autoexec_dagster.routing import route
 from bench.bench_routing import SEED, Check, finish, machine_busy_seconds, other_load
@@ -99,7 +99,7 @@ class TimedLedger(ActionLedger):
 
     def claim(
         self, keys: Sequence[str], *, worker: str, lease_seconds: float, run_id: str | None
-    ) -> list[str]:
+    ) -> list[WorkItem]:
         """Timed ``claim``; remembers when the first one started."""
         started = time.perf_counter()
         if self.first_claim is None:

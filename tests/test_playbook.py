@@ -55,7 +55,9 @@ def test_bad_expressions_are_refused(expression, message):
 
 
 def test_rule_needs_exactly_one_outcome():
-    with pytest.raises(ValueError, match="exactly one of 'action', 'workflow', 'escalate' or 'skip'"):
+    with pytest.raises(
+        ValueError, match="exactly one of 'action', 'workflow', 'escalate' or 'skip'"
+    ):
         Rule(name="r", when="x > 1", action="a", escalate="b")
     with pytest.raises(ValueError, match="exactly one"):
         Rule(name="r", when="x > 1")
