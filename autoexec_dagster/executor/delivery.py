@@ -17,10 +17,11 @@ run out and another worker can recover the rows, and the error is raised within 
 import asyncio
 import contextlib
 import gc
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from autoexec_dagster.channels.base import ActionRequest, Channel, Sender, as_delivered
 from autoexec_dagster.errors import ChannelError, LedgerError
@@ -37,6 +38,7 @@ from autoexec_dagster.ledger.schema import ESCALATED, FAILED, SUCCEEDED
 # rescans every long-lived object of the process (Dagster's definitions, imported modules), which
 # cost ~0.4 s per 10,000 actions here, while cycles made by the send loop die young.
 _COLLECT_EVERY = 2_000
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,18 @@ class Progress:
     escalated: int
     rate: float
     elapsed_seconds: float
+
+
+def locked_call(lock: threading.Lock, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` while holding ``lock`` (run it in a worker thread).
+
+    A lease heartbeat and a batched write by the same worker touch the same rows; on PostgreSQL
+    they would lock them in different orders and deadlock, so they never run at once. Cancelling
+    the task awaiting ``asyncio.to_thread`` does not stop its thread, so the lock, not the
+    cancellation, is what keeps them apart.
+    """
+    with lock:
+        return fn(*args, **kwargs)
 
 
 def escalation_context(item: WorkItem) -> dict[str, Any]:
@@ -139,6 +153,7 @@ class DeliveryEngine:
         escalate_failures: bool = True,
     ):
         self.escalate_failures = escalate_failures
+        self._rows_lock = threading.Lock()
         self.ledger = ledger
         self.channels = channels
         self.report = report
@@ -186,7 +201,9 @@ class DeliveryEngine:
             if collecting:
                 gc.enable()
         if self.released:
-            await asyncio.to_thread(self.ledger.release, self.released, worker=self.worker)
+            await asyncio.to_thread(
+                locked_call, self._rows_lock, self.ledger.release, self.released, worker=self.worker
+            )
             self.report.pending += len(self.released)
         if self.paused:
             self.report.paused_reason = self.paused
@@ -228,7 +245,9 @@ class DeliveryEngine:
         queued = [key for lane in lanes for key in lane.queued]
         if queued:
             with contextlib.suppress(LedgerError):
-                await asyncio.to_thread(self.ledger.release, queued, worker=self.worker)
+                await asyncio.to_thread(
+                    locked_call, self._rows_lock, self.ledger.release, queued, worker=self.worker
+                )
 
     async def _all_lanes(self, lanes: list[_Lane]) -> None:
         await asyncio.gather(*(self._run_lane(lane) for lane in lanes))
@@ -409,7 +428,12 @@ class DeliveryEngine:
             if o.escalation_kind and o.key in self.items
         }
         await asyncio.to_thread(
-            self.ledger.complete, outcomes, worker=self.worker, escalation_context=context
+            locked_call,
+            self._rows_lock,
+            self.ledger.complete,
+            outcomes,
+            worker=self.worker,
+            escalation_context=context,
         )
         per_lane: dict[int, tuple[_Lane, int]] = {}
         report = self.report
@@ -452,7 +476,11 @@ class DeliveryEngine:
         while True:
             await asyncio.sleep(max(0.5, self.lease_seconds / 3))
             await asyncio.to_thread(
-                self.ledger.heartbeat, worker=self.worker, lease_seconds=self.lease_seconds
+                locked_call,
+                self._rows_lock,
+                self.ledger.heartbeat,
+                worker=self.worker,
+                lease_seconds=self.lease_seconds,
             )
 
     async def _watch_kill_switch(self) -> None:

@@ -12,6 +12,7 @@ process or thread waits for it.
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import pandas as pd
 
 from autoexec_dagster.channels.base import Channel
 from autoexec_dagster.errors import PlanError, PlaybookError
-from autoexec_dagster.executor.delivery import DeliveryEngine
+from autoexec_dagster.executor.delivery import DeliveryEngine, locked_call
 from autoexec_dagster.executor.outside_loop import run_outside_loop
 from autoexec_dagster.executor.report import ExecutionReport
 from autoexec_dagster.expressions import parse_expression
@@ -349,6 +350,7 @@ class _Advancer:
         self.lease_seconds = lease_seconds
         self.log = log
         self.worker = new_worker_id()
+        self._rows_lock = threading.Lock()
 
     def _steps(self, instance: _Instance) -> list[Step]:
         workflow = self.playbook.workflows[instance.workflow]
@@ -363,13 +365,15 @@ class _Advancer:
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beat  # a heartbeat failure that landed just now is raised, not dropped
-        # Saved once the heartbeat has stopped: on PostgreSQL its UPDATE and the save's would
-        # lock the same rows in different orders and deadlock.
         updates = sorted(
             (i.saved(self.playbook.workflows.get(i.workflow)) for i in instances),
             key=lambda u: u["instance_id"],
         )
-        await asyncio.to_thread(self.ledger.save_instances, updates, worker=self.worker)
+        # Under the lock: a heartbeat already running in its thread finishes first (see
+        # locked_call), so the two UPDATEs never lock the same rows at once.
+        await asyncio.to_thread(
+            locked_call, self._rows_lock, self.ledger.save_instances, updates, worker=self.worker
+        )
         for instance in instances:
             if instance.state == WAITING and instance.next_due is not None:
                 self.report.waiting += 1
@@ -382,6 +386,8 @@ class _Advancer:
         while True:
             await asyncio.sleep(max(0.5, self.lease_seconds / 3))
             await asyncio.to_thread(
+                locked_call,
+                self._rows_lock,
                 self.ledger.heartbeat_instances,
                 worker=self.worker,
                 lease_seconds=self.lease_seconds,
