@@ -75,8 +75,15 @@ def _violations(lines: Sequence[Mapping[str, Any]]) -> int:
     return sum(1 for line in lines if line.get("problem"))
 
 
+def _line_mode(line: Mapping[str, Any]) -> str | None:
+    """The run mode a line was recorded in (older lines kept it under "mode", which a suite's
+    own fault mode could overwrite: those count as unknown)."""
+    mode = line.get("run_mode", line.get("mode"))
+    return mode if mode in ("fast", "full") else None
+
+
 def _run_mode(lines: Sequence[Mapping[str, Any]]) -> str:
-    modes = {line.get("mode") for line in lines} & {"fast", "full"}
+    modes = {_line_mode(line) for line in lines} & {"fast", "full"}
     return "full" if "full" in modes or os.environ.get("AUTOEXEC_RELIABILITY") == "full" else "fast"
 
 
@@ -189,7 +196,7 @@ def render(lines: Sequence[dict[str, Any]], *, now: datetime | None = None) -> s
     moment = (now or datetime.now(UTC)).strftime("%Y-%m-%d %H:%M UTC")
     mode = _run_mode(lines)
     # Fast-mode lines written meanwhile by other test runs on the machine are not this run's.
-    lines = [line for line in lines if line.get("mode", mode) == mode]
+    lines = [line for line in lines if _line_mode(line) in (mode, None)]
     by_suite: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for line in lines:
         by_suite[str(line.get("suite", "?"))].append(line)
