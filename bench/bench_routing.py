@@ -109,7 +109,8 @@ def naive_route(
     with the same derivation as ``route``, and the same plan columns.
     """
     rules = {r.name: r for r in playbook.rules}
-    prefix = _SEP.join((insight_name, partition_key, playbook.effective_version, ""))
+    # The key names the side effect: insight, partition, action, entity (never the version).
+    prefix = _SEP.join((insight_name, partition_key, ""))
     entity_ids: list[str] = []
     decisions: list[str] = []
     rule_names: list[str] = []
