@@ -292,7 +292,11 @@ class Outbox(LedgerBase):
         stamp = utcnow()
         statement = (
             sa.update(t)
-            .where(t.c.idempotency_key == sa.bindparam("b_key"))
+            .where(
+                t.c.idempotency_key == sa.bindparam("b_key"),
+                t.c.worker == sa.bindparam("b_worker"),
+                t.c.state == SENDING,
+            )
             .values(
                 state=sa.bindparam("b_state"),
                 attempts=t.c.attempts + sa.bindparam("b_attempts"),
@@ -306,9 +310,25 @@ class Outbox(LedgerBase):
                 completed_at=stamp,
             )
         )
+        params = [
+            {
+                "b_key": o.key,
+                "b_worker": worker,
+                "b_state": o.state,
+                "b_attempts": o.attempts,
+                "b_detail": (o.detail or "")[:500] or None,
+                "b_error": o.error,
+                "b_digest": o.request_digest,
+                "b_output": o.output,
+            }
+            for o in outcomes
+        ]
+        escalating = [o for o in outcomes if o.escalation_kind]
         with self._write("record action outcomes") as conn:
             held: set[str] = set()
-            for chunk in chunks([o.key for o in outcomes]):
+            # Only an escalation needs to know which rows this worker still holds (it opens
+            # one only for those); the common batch is one guarded executemany.
+            for chunk in chunks([o.key for o in escalating]):
                 held.update(
                     conn.execute(
                         sa.select(t.c.idempotency_key)
@@ -320,26 +340,9 @@ class Outbox(LedgerBase):
                         .with_for_update()
                     ).scalars()
                 )
-            mine = [o for o in outcomes if o.key in held]
-            if not mine:
-                return 0
-            conn.execute(
-                statement,
-                [
-                    {
-                        "b_key": o.key,
-                        "b_state": o.state,
-                        "b_attempts": o.attempts,
-                        "b_detail": (o.detail or "")[:500] or None,
-                        "b_error": o.error,
-                        "b_digest": o.request_digest,
-                        "b_output": o.output,
-                    }
-                    for o in mine
-                ],
-            )
-            escalated = [o for o in mine if o.escalation_kind]
-            if escalated:
+            result = conn.execute(statement, params)
+            opened = [o for o in escalating if o.key in held]
+            if opened:
                 context = escalation_context or {}
                 conn.execute(
                     self._insert_ignore(schema.escalations),
@@ -351,7 +354,8 @@ class Outbox(LedgerBase):
                             context=context.get(o.key, {}),
                             now=stamp,
                         )
-                        for o in escalated
+                        for o in opened
                     ],
                 )
-        return len(mine)
+        written = result.rowcount
+        return written if written is not None and written >= 0 else len(params)
