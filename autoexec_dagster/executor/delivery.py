@@ -116,6 +116,7 @@ class _Lane:
         self.outstanding = 0  # claimed and not yet committed
         self.capacity = asyncio.Condition()
         self.queued: set[str] = set()  # claimed, not yet picked up by a sender
+        self.senders: list[asyncio.Task[None]] = []
 
 
 class DeliveryEngine:
@@ -234,9 +235,11 @@ class DeliveryEngine:
             self.flush_wanted.set()
             await flusher
         except BaseException:
-            for task in everything:
+            # The senders too: a lane would otherwise drain its whole queue before it ends.
+            senders = [w for lane in lanes for w in lane.senders]
+            for task in [*everything, *senders]:
                 task.cancel()
-            await asyncio.gather(*everything, return_exceptions=True)
+            await asyncio.gather(*everything, *senders, return_exceptions=True)
             await self._release_queued(lanes)
             raise
 
@@ -260,6 +263,7 @@ class DeliveryEngine:
                 asyncio.create_task(self._deliver_loop(lane, sender, queue))
                 for _ in range(min(lane.channel.max_concurrency, len(lane.keys)))
             ]
+            lane.senders = workers
             try:
                 for index in range(0, len(lane.keys), chunk):
                     batch = lane.keys[index : index + chunk]
