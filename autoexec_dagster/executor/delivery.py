@@ -76,6 +76,25 @@ def locked_call(lock: threading.Lock, fn: Callable[..., T], /, *args: Any, **kwa
         return fn(*args, **kwargs)
 
 
+async def keep_leases(
+    lock: threading.Lock,
+    extend: Callable[..., int],
+    *,
+    worker: str,
+    lease_seconds: float,
+) -> None:
+    """Extend ``worker``'s leases every third of the lease until cancelled (a heartbeat task).
+
+    ``extend`` is the ledger's heartbeat for actions or for workflow instances; it runs under
+    ``lock``, which the worker's batched writes hold too (see :func:`locked_call`).
+    """
+    while True:
+        await asyncio.sleep(max(0.5, lease_seconds / 3))
+        await asyncio.to_thread(
+            locked_call, lock, extend, worker=worker, lease_seconds=lease_seconds
+        )
+
+
 def escalation_context(item: WorkItem) -> dict[str, Any]:
     """The fields of the escalation opened for a work item that ended with a person."""
     return {
@@ -213,7 +232,15 @@ class DeliveryEngine:
         work = asyncio.create_task(self._all_lanes(lanes), name="autoexec-lanes")
         flusher = asyncio.create_task(self._flusher(), name="autoexec-flusher")
         background = [
-            asyncio.create_task(self._heartbeat(), name="autoexec-heartbeat"),
+            asyncio.create_task(
+                keep_leases(
+                    self._rows_lock,
+                    self.ledger.heartbeat,
+                    worker=self.worker,
+                    lease_seconds=self.lease_seconds,
+                ),
+                name="autoexec-heartbeat",
+            ),
             asyncio.create_task(self._watch_kill_switch(), name="autoexec-kill-switch"),
             asyncio.create_task(self._progress(), name="autoexec-progress"),
         ]
@@ -475,17 +502,6 @@ class DeliveryEngine:
             await self._flush()
             if self.stopping and not self.buffer:
                 return
-
-    async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(max(0.5, self.lease_seconds / 3))
-            await asyncio.to_thread(
-                locked_call,
-                self._rows_lock,
-                self.ledger.heartbeat,
-                worker=self.worker,
-                lease_seconds=self.lease_seconds,
-            )
 
     async def _watch_kill_switch(self) -> None:
         while not self.paused:

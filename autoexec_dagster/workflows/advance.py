@@ -23,7 +23,7 @@ import pandas as pd
 
 from autoexec_dagster.channels.base import Channel
 from autoexec_dagster.errors import PlanError, PlaybookError
-from autoexec_dagster.executor.delivery import DeliveryEngine, locked_call
+from autoexec_dagster.executor.delivery import DeliveryEngine, keep_leases, locked_call
 from autoexec_dagster.executor.outside_loop import run_outside_loop
 from autoexec_dagster.executor.report import ExecutionReport
 from autoexec_dagster.expressions import parse_expression
@@ -358,7 +358,14 @@ class _Advancer:
 
     async def advance(self, instances: list[_Instance]) -> None:
         """Move claimed instances as far as they go now and save them, keeping their lease."""
-        beat = asyncio.create_task(self._heartbeat())
+        beat = asyncio.create_task(
+            keep_leases(
+                self._rows_lock,
+                self.ledger.heartbeat_instances,
+                worker=self.worker,
+                lease_seconds=self.lease_seconds,
+            )
+        )
         try:
             await self._advance(instances)
         finally:
@@ -381,17 +388,6 @@ class _Advancer:
                     self.report.next_due = instance.next_due
             elif instance.state in (RUNNING, FAILING):
                 self.report.running += 1
-
-    async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(max(0.5, self.lease_seconds / 3))
-            await asyncio.to_thread(
-                locked_call,
-                self._rows_lock,
-                self.ledger.heartbeat_instances,
-                worker=self.worker,
-                lease_seconds=self.lease_seconds,
-            )
 
     async def _advance(self, instances: list[_Instance]) -> None:
         self.report.advanced += len(instances)
