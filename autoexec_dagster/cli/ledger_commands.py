@@ -1,41 +1,24 @@
-"""``autoexec``: the action ledger for people, from a terminal.
-
-::
-
-    autoexec summary [--playbook P] [--partition K]     counts per decision/state, autonomy rate
-    autoexec escalations --playbook P [--partition K] [--status open|resolved|all] [--limit N]
-    autoexec resolve KEY --by NAME [--note TEXT]        close an escalation (or a unique prefix)
-    autoexec workflows --playbook P [--partition K] [--state waiting|failed|...] [--limit N]
-    autoexec history ENTITY_ID [--playbook P]           every action, step, output, escalation
-    autoexec cancel INSTANCE_ID... --by NAME --reason TEXT
-    autoexec pause [--playbook P] --reason TEXT --by NAME
-    autoexec resume [--playbook P] --by NAME
-    autoexec status                                     the kill switch
-
-Every listing command (summary, escalations, workflows, history, status) takes ``--json`` for
-machine-readable output. Every command takes ``--ledger URL``; without it, ``$AUTOEXEC_LEDGER_URL``, then the default the
-Dagster integration uses (``autoexec_ledger.db`` in ``$DAGSTER_HOME``, else the working
-directory), else ``var/autoexec_ledger.db`` in the working directory when it exists (where the
-reference deployment and ``make demo`` keep it).
-Errors are printed without a traceback and exit with status 2.
-"""
+"""The ledger commands: summaries, escalations, the kill switch, workflows, history."""
 
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import click
 import pandas as pd
-import sqlalchemy as sa
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from autoexec_dagster.dagster.ledger_resource import (
-    LEDGER_FILE_NAME,
-    LEDGER_URL_ENV,
-    default_ledger_url,
+from autoexec_dagster.cli.common import (
+    DEFAULT_PERSONAL_COLUMNS,
+    cli,
+    echo_json,
+    fail,
+    json_option,
+    ledger_option,
+    open_ledger,
+    records,
+    table,
 )
 from autoexec_dagster.dagster.metadata import (
     escalations_frame,
@@ -44,136 +27,15 @@ from autoexec_dagster.dagster.metadata import (
     mask_emails,
     masked_outputs,
 )
-from autoexec_dagster.errors import AutoexecError
 from autoexec_dagster.ledger.action_ledger import ActionLedger
 from autoexec_dagster.ledger.schema import ACTIVE_INSTANCE_STATES, INSTANCE_STATES
-from autoexec_dagster.playbook import Playbook
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-# The playbook's default personal columns; the CLI does not know each playbook's own list.
-DEFAULT_PERSONAL_COLUMNS: tuple[str, ...] = tuple(Playbook.model_fields["personal_columns"].default)
-
-
-def _fail(message: str) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
-
-
-def _ledger_option(fn: F) -> F:
-    return click.option(
-        "--ledger",
-        "ledger_url",
-        envvar=LEDGER_URL_ENV,
-        show_envvar=True,
-        default=None,
-        metavar="URL",
-        help="SQLAlchemy URL of the action ledger (default: the Dagster integration's default).",
-    )(fn)
-
-
-def _default_url() -> str:
-    """The Dagster integration's default ledger, else ``var/autoexec_ledger.db`` if it exists.
-
-    ``var/`` is where a project keeps local state (the reference deployment and ``make demo``
-    write their ledger there), so ``autoexec summary`` run in the project folder finds it
-    without --ledger or $AUTOEXEC_LEDGER_URL.
-    """
-    url = default_ledger_url()
-    if os.environ.get(LEDGER_URL_ENV, "").strip():
-        return url
-    database = sa.make_url(url).database or ""
-    local = Path.cwd() / "var" / LEDGER_FILE_NAME
-    if not Path(database).exists() and local.exists():
-        return f"sqlite:///{local}"
-    return url
-
-
-def _open(ledger_url: str | None, *, must_exist: bool = True) -> ActionLedger:
-    """Open the ledger; refuse to create an empty SQLite file for a command that only reads."""
-    url = ledger_url or _default_url()
-    try:
-        parsed = sa.make_url(url)
-    except (ArgumentError, ValueError) as exc:
-        _fail(f"the ledger URL {url!r} is not a valid SQLAlchemy URL: {exc}")
-    if must_exist and parsed.get_backend_name() == "sqlite":
-        database = parsed.database or ""
-        if database not in ("", ":memory:") and not Path(database).exists():
-            _fail(
-                f"no action ledger at {database} (pass --ledger URL or set {LEDGER_URL_ENV}; "
-                "a ledger is created by the first execution)"
-            )
-    try:
-        return ActionLedger(url)
-    except AutoexecError as exc:
-        _fail(str(exc))
-
-
-def _json_option(fn: F) -> F:
-    return click.option(
-        "--json", "as_json", is_flag=True, help="Print JSON instead of a table (for scripts)."
-    )(fn)
-
-
-def _plain(value: Any) -> Any:
-    """A JSON-ready value: times as ISO 8601 text, NaN and NaT as null, numpy scalars unboxed."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, str | bool | int):
-        return value
-    if isinstance(value, float):
-        return None if value != value else value
-    try:
-        if pd.isna(value):
-            return None
-    except (TypeError, ValueError):
-        pass
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
-
-
-def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(_plain(data), indent=2))
-
-
-def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    return [_plain(row) for row in frame.to_dict("records")]
-
-
-def _table(frame: pd.DataFrame) -> str:
-    if frame.empty:
-        return "(none)"
-    return frame.to_string(index=False, max_colwidth=60)
-
-
-class _Group(click.Group):
-    """Prints expected failures as one line, without a traceback, and exits with status 2."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except AutoexecError as exc:
-            _fail(str(exc))
-        except SQLAlchemyError as exc:
-            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-            _fail(f"the action ledger could not be read or written: {reason}")
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
-    """Look at and steer autoexec_dagster's action ledger: summaries, escalations, kill switch."""
 
 
 @cli.command()
-@_ledger_option
+@ledger_option
 @click.option("--playbook", "-p", default=None, help="Only this playbook.")
 @click.option("--partition", "-k", default=None, help="Only this insight partition.")
-@_json_option
+@json_option
 def summary(
     ledger_url: str | None, playbook: str | None, partition: str | None, as_json: bool
 ) -> None:
@@ -183,7 +45,7 @@ def summary(
     query), so both say the same: flagged, acted autonomously, cooled down, escalated, still
     open from an earlier partition, held out, skipped, failed, handed to a workflow.
     """
-    ledger = _open(ledger_url)
+    ledger = open_ledger(ledger_url)
     counts = ledger.summary(playbook=playbook, partition_key=partition)
     queue = ledger.escalations(playbook=playbook, partition_key=partition, status="open")
     scopes = sorted(
@@ -193,9 +55,9 @@ def summary(
     total = _sum_outcomes(outcomes)
     if as_json:
         decided = total["autonomous"] + total["escalated"] + total["failed"]
-        _echo_json(
+        echo_json(
             {
-                "counts": _records(counts),
+                "counts": records(counts),
                 "partitions": [o.as_dict() for o in outcomes],
                 "totals": total,
                 "autonomy_rate": total["autonomous"] / decided if decided else None,
@@ -207,7 +69,7 @@ def summary(
         click.echo("No actions recorded" + _scope(playbook, partition) + ".")
         return
     counts = counts.assign(action=counts["action"].fillna("-"))
-    click.echo(_table(counts))
+    click.echo(table(counts))
     click.echo("")
     click.echo(_count_line("flagged", total["flagged"]))
     delivered = ", ".join(f"{n:,} {a}" for a, n in sorted(total["delivered"].items()) if n)
@@ -294,7 +156,7 @@ def _scope(playbook: str | None, partition: str | None) -> str:
 
 
 @cli.command()
-@_ledger_option
+@ledger_option
 @click.option("--playbook", "-p", required=True, help="The playbook whose queue to show.")
 @click.option("--partition", "-k", default=None, help="Only this insight partition.")
 @click.option(
@@ -316,7 +178,7 @@ def _scope(playbook: str | None, partition: str | None) -> str:
     metavar="COLUMN",
     help="Also mask this column of the entity data (repeatable).",
 )
-@_json_option
+@json_option
 def escalations(
     ledger_url: str | None,
     playbook: str,
@@ -332,7 +194,7 @@ def escalations(
     A failed workflow's escalation also shows its evidence: the step that failed, its error and
     the outputs of the steps before it.
     """
-    ledger = _open(ledger_url)
+    ledger = open_ledger(ledger_url)
     queue = ledger.escalations(
         playbook=playbook,
         partition_key=partition,
@@ -341,7 +203,7 @@ def escalations(
     )
     masked = () if show_personal else (*DEFAULT_PERSONAL_COLUMNS, *extra_masked)
     if as_json:
-        _echo_json([_escalation_record(row, masked=masked) for row in queue.to_dict("records")])
+        echo_json([_escalation_record(row, masked=masked) for row in queue.to_dict("records")])
         return
     if queue.empty:
         click.echo(
@@ -442,13 +304,13 @@ def _match_key(ledger: ActionLedger, prefix: str) -> str:
     if len(prefix) >= 32:
         return prefix
     if len(prefix) < 6:
-        _fail("give at least 6 characters of the escalation key")
+        fail("give at least 6 characters of the escalation key")
     queue = ledger.escalations(status="open")
     matches = [k for k in queue["idempotency_key"].astype(str) if k.startswith(prefix)]
     if not matches:
-        _fail(f"no open escalation has a key starting with {prefix!r}")
+        fail(f"no open escalation has a key starting with {prefix!r}")
     if len(matches) > 1:
-        _fail(
+        fail(
             f"{len(matches)} open escalations have keys starting with {prefix!r}: "
             f"{', '.join(matches[:5])}; give more characters"
         )
@@ -456,18 +318,18 @@ def _match_key(ledger: ActionLedger, prefix: str) -> str:
 
 
 @cli.command()
-@_ledger_option
+@ledger_option
 @click.argument("key")
 @click.option("--by", "by", required=True, help="Who resolved it (recorded in the ledger).")
 @click.option("--note", default="", help="What was done.")
 def resolve(ledger_url: str | None, key: str, by: str, note: str) -> None:
     """Close the open escalation KEY (its full key, or a unique prefix of 6+ characters)."""
-    ledger = _open(ledger_url)
+    ledger = open_ledger(ledger_url)
     full = _match_key(ledger, key)
     queue = ledger.escalations(status="open")
     row = queue[queue["idempotency_key"].astype(str) == full]
     if not ledger.resolve_escalation(full, by=by, resolution=note):
-        _fail(f"no open escalation with key {full!r} (already resolved, or a typo?)")
+        fail(f"no open escalation with key {full!r} (already resolved, or a typo?)")
     click.echo(f"Resolved {full} (by {by}).")
     if not row.empty:
         click.echo(
@@ -532,18 +394,18 @@ def observe_escalations(ledger: ActionLedger, *, playbook: str, partition_key: s
 
 
 @cli.command()
-@_ledger_option
+@ledger_option
 @click.option("--playbook", "-p", default=None, help="Pause only this playbook (default: all).")
 @click.option("--reason", required=True, help="Why; shown to anyone whose run is stopped.")
 @click.option("--by", "by", required=True, help="Who paused.")
 def pause(ledger_url: str | None, playbook: str | None, reason: str, by: str) -> None:
     """Stop a playbook (or every playbook) before its next action."""
-    ledger = _open(ledger_url, must_exist=False)
+    ledger = open_ledger(ledger_url, must_exist=False)
     if playbook is not None:
         known = ledger.known_playbooks()
         if playbook not in known:
             # A typo would otherwise "pause" a name no run checks, and the real playbook runs on.
-            _fail(
+            fail(
                 f"the ledger has never seen playbook {playbook!r}, so pausing it would stop "
                 f"nothing; known playbooks: {', '.join(known) or 'none yet'} (omit --playbook "
                 "to pause every playbook)"
@@ -556,17 +418,17 @@ def pause(ledger_url: str | None, playbook: str | None, reason: str, by: str) ->
 
 
 @cli.command()
-@_ledger_option
+@ledger_option
 @click.option("--playbook", "-p", default=None, help="Resume only this playbook (default: all).")
 @click.option("--by", "by", required=True, help="Who resumed.")
 def resume(ledger_url: str | None, playbook: str | None, by: str) -> None:
     """Lift a pause set with ``autoexec pause``."""
-    ledger = _open(ledger_url)
+    ledger = open_ledger(ledger_url)
     scope = playbook or "*"
     controls = ledger.controls()
     paused = controls[(controls["scope"] == scope) & controls["paused"].astype(bool)]
     if paused.empty:
-        _fail(
+        fail(
             f"{'playbook ' + repr(playbook) if playbook else 'the global switch'} is not paused"
             + (f"; still paused: {still}" if (still := _still_paused(controls, scope)) else "")
         )
@@ -592,15 +454,15 @@ def _still_paused(controls: pd.DataFrame, exclude: str | None) -> str:
 
 
 @cli.command()
-@_ledger_option
-@_json_option
+@ledger_option
+@json_option
 def status(ledger_url: str | None, as_json: bool) -> None:
     """The kill switch: which playbooks are paused, by whom and why."""
-    ledger = _open(ledger_url)
+    ledger = open_ledger(ledger_url)
     controls = ledger.controls()
     active = controls[controls["paused"].astype(bool)] if not controls.empty else controls
     if as_json:
-        _echo_json(
+        echo_json(
             {
                 "ledger": ledger.display_url,
                 "paused": [
@@ -625,7 +487,7 @@ def status(ledger_url: str | None, as_json: bool) -> None:
 
 
 @cli.command()
-@_ledger_option
+@ledger_option
 @click.option("--playbook", "-p", required=True, help="The playbook whose workflows to list.")
 @click.option("--partition", "-k", default=None, help="Only this insight partition.")
 @click.option(
@@ -637,7 +499,7 @@ def status(ledger_url: str | None, as_json: bool) -> None:
 )
 @click.option("--limit", "-n", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--show-personal", is_flag=True, help="Show personal output fields unmasked.")
-@_json_option
+@json_option
 def workflows(
     ledger_url: str | None,
     playbook: str,
@@ -648,7 +510,7 @@ def workflows(
     as_json: bool,
 ) -> None:
     """Workflow instances: where each entity's workflow is, what it last did, when it is due."""
-    ledger = _open(ledger_url)
+    ledger = open_ledger(ledger_url)
     rows = ledger.instances(
         playbook=playbook, partition_key=partition, states=states or None, limit=limit
     )
@@ -676,7 +538,7 @@ def workflows(
         }
     )
     if as_json:
-        _echo_json(_records(view))
+        echo_json(records(view))
         return
     if view.empty:
         what = "/".join(states) + " " if states else ""
@@ -717,11 +579,11 @@ def workflows(
 
 
 @cli.command()
-@_ledger_option
+@ledger_option
 @click.argument("entity_id")
 @click.option("--playbook", "-p", default=None, help="Only this playbook.")
 @click.option("--show-personal", is_flag=True, help="Show personal fields unmasked.")
-@_json_option
+@json_option
 def history(
     ledger_url: str | None,
     entity_id: str,
@@ -734,12 +596,12 @@ def history(
     Every action and workflow step attempt with its outcome and output, every workflow instance
     with its step log, and every escalation.
     """
-    ledger = _open(ledger_url)
+    ledger = open_ledger(ledger_url)
     found = ledger.entity_history(entity_id, playbook=playbook)
     masked = () if show_personal else DEFAULT_PERSONAL_COLUMNS
     actions, instances, cases = found["actions"], found["workflows"], found["escalations"]
     if as_json:
-        _echo_json(
+        echo_json(
             {
                 "entity_id": entity_id,
                 "actions": [
@@ -891,7 +753,7 @@ def _mask_text(raw: Any, masked: Sequence[str]) -> str:
 
 
 @cli.command()
-@_ledger_option
+@ledger_option
 @click.argument("instance_ids", nargs=-1, required=True, metavar="INSTANCE_ID...")
 @click.option("--by", "by", required=True, help="Who cancels (recorded in the ledger).")
 @click.option("--reason", required=True, help="Why (recorded in the ledger).")
@@ -901,11 +763,11 @@ def cancel(ledger_url: str | None, instance_ids: Sequence[str], by: str, reason:
     Nothing is cancelled unless every id names exactly one instance that is still active.
     """
     if not reason.strip():
-        _fail("--reason is empty; say why the instances are cancelled")
-    ledger = _open(ledger_url)
+        fail("--reason is empty; say why the instances are cancelled")
+    ledger = open_ledger(ledger_url)
     short = [i for i in instance_ids if len(i) < 8]
     if short:
-        _fail(f"give at least 8 characters of each instance id: {', '.join(short)}")
+        fail(f"give at least 8 characters of each instance id: {', '.join(short)}")
     found = ledger.find_instances(list(dict.fromkeys(instance_ids)))
     problems: list[str] = []
     chosen: dict[str, dict[Any, Any]] = {}
@@ -937,7 +799,7 @@ def cancel(ledger_url: str | None, instance_ids: Sequence[str], by: str, reason:
             else:
                 chosen[str(row["instance_id"])] = row
     if problems:
-        _fail("nothing cancelled:\n  " + "\n  ".join(problems))
+        fail("nothing cancelled:\n  " + "\n  ".join(problems))
     done = set(ledger.cancel_instances(list(chosen), by=by, reason=reason))
     for instance_id, row in chosen.items():
         if instance_id in done:
@@ -949,8 +811,3 @@ def cancel(ledger_url: str | None, instance_ids: Sequence[str], by: str, reason:
             click.echo(f"Not cancelled {instance_id}: it ended meanwhile.")
     if len(done) < len(chosen):
         sys.exit(1)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``autoexec`` command."""
-    cli.main(args=list(argv) if argv is not None else None, prog_name="autoexec")

@@ -1,0 +1,34 @@
+"""``autoexec``: the action ledger for people, from a terminal.
+
+::
+
+    autoexec summary [--playbook P] [--partition K]     counts per decision/state, autonomy rate
+    autoexec escalations --playbook P [--partition K] [--status open|resolved|all] [--limit N]
+    autoexec resolve KEY --by NAME [--note TEXT]        close an escalation (or a unique prefix)
+    autoexec workflows --playbook P [--partition K] [--state waiting|failed|...] [--limit N]
+    autoexec history ENTITY_ID [--playbook P]           every action, step, output, escalation
+    autoexec cancel INSTANCE_ID... --by NAME --reason TEXT
+    autoexec pause [--playbook P] --reason TEXT --by NAME
+    autoexec resume [--playbook P] --by NAME
+    autoexec status                                     the kill switch
+
+Every listing command (summary, escalations, workflows, history, status) takes ``--json`` for
+machine-readable output. Every command takes ``--ledger URL``; without it, ``$AUTOEXEC_LEDGER_URL``, then the default the
+Dagster integration uses (``autoexec_ledger.db`` in ``$DAGSTER_HOME``, else the working
+directory), else ``var/autoexec_ledger.db`` in the working directory when it exists (where the
+reference deployment and ``make demo`` keep it).
+Errors are printed without a traceback and exit with status 2.
+"""
+
+from collections.abc import Sequence
+
+# Importing the command modules registers their commands on the group.
+import autoexec_dagster.cli.ledger_commands  # noqa: F401  # pyright: ignore[reportUnusedImport]
+from autoexec_dagster.cli.common import cli
+
+__all__ = ["cli", "main"]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``autoexec`` command."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name="autoexec")
