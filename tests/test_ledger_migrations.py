@@ -48,7 +48,7 @@ def test_a_v1_ledger_migrates_in_place_and_a_rerun_sends_nothing(tmp_path):
     engine.dispose()
 
     ledger = ActionLedger(url)
-    assert ledger.schema_version == schema.SCHEMA_VERSION == 2
+    assert ledger.schema_version == schema.SCHEMA_VERSION == 3
     with ledger.engine.connect() as conn:
         kept = conn.execute(sa.select(sa.func.count()).select_from(schema.actions)).scalar_one()
         superseded = conn.execute(
@@ -85,4 +85,17 @@ def test_migrating_twice_is_a_no_op(tmp_path):
     url = _v1_ledger(tmp_path)
     ActionLedger(url).dispose()
     again = ActionLedger(url)
-    assert again.schema_version == 2
+    assert again.schema_version == 3
+
+
+def test_a_v1_ledger_gains_the_version_3_tables_and_columns(tmp_path):
+    ledger = ActionLedger(_v1_ledger(tmp_path))
+    inspector = sa.inspect(ledger.engine)
+    tables = set(inspector.get_table_names())
+    assert {"autoexec_approvals", "autoexec_approval_decisions", "autoexec_suppressions"} <= tables
+    columns = {c["name"] for c in inspector.get_columns("autoexec_escalations")}
+    assert {"proposed_action", "decided_via"} <= columns
+    # The migrated escalations are readable with the new columns empty.
+    queue = ledger.escalations(status=None)
+    assert not queue.empty
+    ledger.dispose()

@@ -193,4 +193,12 @@ def _to_v2(conn: sa.Connection) -> None:
     )
 
 
-MIGRATIONS: dict[int, Migration] = {1: _to_v2}
+def _to_v3(conn: sa.Connection) -> None:
+    """Approval requests and decisions; proposed actions on escalations; suppressions."""
+    for column in ("proposed_action", "decided_via"):
+        conn.execute(sa.text(f"ALTER TABLE autoexec_escalations ADD COLUMN {column} TEXT"))
+    for table in (schema.approvals, schema.approval_decisions, schema.suppressions):
+        table.create(conn, checkfirst=True)
+
+
+MIGRATIONS: dict[int, Migration] = {1: _to_v2, 2: _to_v3}

@@ -7,11 +7,15 @@ Version 2: idempotency keys no longer include the playbook version; the outbox k
 action's request data (``payload``) and each reply's bounded ``output``; rule escalations carry a
 ``dedupe_key`` with at most one open escalation per key; workflow instances have their own
 table, and their step attempts are actions that name their ``instance_id`` and ``step``.
+
+Version 3: approval requests of workflow approval steps and each approver's decision; an
+escalation may carry a proposed action and records how it was decided; suppressions keep an
+entity out of a playbook's actions and escalations for a while.
 """
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 OPEN = "open"
 RESOLVED = "resolved"
 
@@ -50,8 +54,25 @@ RUNNING = "running"
 WAITING = "waiting"
 FAILING = "failing"
 CANCELLED = "cancelled"
+# A person (or an approval's expiry) rejected what the instance was about to do.
+REJECTED = "rejected"
 ACTIVE_INSTANCE_STATES: tuple[str, ...] = (RUNNING, WAITING, FAILING)
-INSTANCE_STATES: tuple[str, ...] = (*ACTIVE_INSTANCE_STATES, SUCCEEDED, FAILED, CANCELLED)
+INSTANCE_STATES: tuple[str, ...] = (
+    *ACTIVE_INSTANCE_STATES,
+    SUCCEEDED,
+    FAILED,
+    REJECTED,
+    CANCELLED,
+)
+
+# Approval request states. A request is pending until enough listed approvers approve it, one
+# rejects it, it expires, or the payload it approves changes (void); a decided request is
+# ``applied`` once the workflow has moved on because of it.
+PENDING = "pending"
+APPROVED = "approved"
+EXPIRED = "expired"
+VOID = "void"
+APPROVAL_STATES: tuple[str, ...] = (PENDING, APPROVED, REJECTED, EXPIRED, VOID)
 
 metadata = sa.MetaData()
 
@@ -172,6 +193,10 @@ escalations = sa.Table(
     sa.Column("resolution", sa.Text),
     # Rule escalations: one case per (playbook, rule, entity) while it is open; else the key.
     sa.Column("dedupe_key", sa.String(80)),
+    # The action a person may approve for the entity (``Rule(escalate=..., action=...)``).
+    sa.Column("proposed_action", sa.String(100)),
+    # How the case was decided: cli, link, python.
+    sa.Column("decided_via", sa.String(32)),
     sa.Index("ix_autoexec_escalations_partition", "playbook", "partition_key", "status"),
     sa.Index(
         "ux_autoexec_escalations_open_case",
@@ -209,4 +234,82 @@ controls = sa.Table(
     sa.Column("reason", sa.Text),
     sa.Column("updated_by", sa.String(200)),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+_WAKE = "applied_at IS NULL AND status IN ('approved', 'rejected')"
+
+approvals = sa.Table(
+    "autoexec_approvals",
+    metadata,
+    # hash(instance, step, payload digest): a changed payload is a new request.
+    sa.Column("approval_id", sa.String(80), primary_key=True),
+    sa.Column("instance_id", sa.String(80), nullable=False),
+    sa.Column("playbook", sa.String(100), nullable=False),
+    sa.Column("playbook_version", sa.String(100), nullable=False),
+    sa.Column("workflow", sa.String(100), nullable=False),
+    sa.Column("insight", sa.String(300), nullable=False),
+    sa.Column("partition_key", sa.String(200), nullable=False),
+    sa.Column("entity_id", sa.String(300), nullable=False),
+    sa.Column("rule", sa.String(100), nullable=False),
+    sa.Column("step", sa.String(100), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    # JSON list of the people who may decide, and how many distinct approvals are needed.
+    sa.Column("approvers", sa.Text, nullable=False),
+    sa.Column("min_approvals", sa.Integer, nullable=False, server_default="1"),
+    # What the following steps will do (JSON) and its SHA-256: decisions bind to the digest.
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("digest", sa.String(64), nullable=False),
+    # The request's value (e.g. the purchase order's total), for sums and sorting.
+    sa.Column("value", sa.Float),
+    sa.Column("condition", sa.Text),
+    sa.Column("on_expiry", sa.String(16), nullable=False),
+    sa.Column("requested_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("sla_due_at", sa.DateTime(timezone=True)),
+    sa.Column("decided_at", sa.DateTime(timezone=True)),
+    # Who decided (comma-separated when several approvals were needed), how and the note.
+    sa.Column("decided_by", sa.Text),
+    sa.Column("decided_via", sa.String(32)),
+    sa.Column("decision_note", sa.Text),
+    sa.Column("applied_at", sa.DateTime(timezone=True)),
+    sa.Column("run_id", sa.String(64)),
+    sa.Index("ix_autoexec_approvals_partition", "playbook", "partition_key", "status"),
+    sa.Index("ix_autoexec_approvals_instance", "instance_id", "step"),
+    # Decisions the workflow has not applied yet: what wakes a waiting instance.
+    sa.Index(
+        "ix_autoexec_approvals_wake",
+        "playbook",
+        "partition_key",
+        sqlite_where=sa.text(_WAKE),
+        postgresql_where=sa.text(_WAKE),
+    ),
+)
+
+approval_decisions = sa.Table(
+    "autoexec_approval_decisions",
+    metadata,
+    # One decision per approver and request: a reused link or a second click decides nothing.
+    sa.Column("approval_id", sa.String(80), primary_key=True),
+    sa.Column("approver", sa.String(200), primary_key=True),
+    # approve or reject
+    sa.Column("decision", sa.String(16), nullable=False),
+    sa.Column("digest", sa.String(64), nullable=False),
+    sa.Column("note", sa.Text),
+    # cli, link, python
+    sa.Column("via", sa.String(32), nullable=False),
+    sa.Column("decided_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+suppressions = sa.Table(
+    "autoexec_suppressions",
+    metadata,
+    sa.Column("playbook", sa.String(100), primary_key=True),
+    sa.Column("entity_id", sa.String(300), primary_key=True),
+    # No action and no new escalation for the entity in the playbook before this time.
+    sa.Column("until", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("suppressed_by", sa.String(200), nullable=False),
+    sa.Column("note", sa.Text),
+    sa.Column("via", sa.String(32)),
+    sa.Column("escalation_key", sa.String(80)),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )
