@@ -53,12 +53,14 @@ def validate_insight(insight: pd.DataFrame, playbook: Playbook) -> None:
         )
     missing = sorted(playbook.input_columns() - set(insight.columns))
     if missing:
+        steps = playbook.workflow_columns()
         users = {
-            column: [r.name for r in playbook.rules if column in r.read_columns()]
+            column: [f"rule {r.name}" for r in playbook.rules if column in r.read_columns()]
+            + [f"step {s}" for s in steps.get(column, [])]
             for column in missing
         }
         detail = ", ".join(
-            f"{c!r} (read by rule {', '.join(users[c])})" if users[c] else repr(c) for c in missing
+            f"{c!r} (read by {', '.join(users[c])})" if users[c] else repr(c) for c in missing
         )
         raise InsightValidationError(
             f"playbook {playbook.name!r}: the insight lacks column(s) {detail}; "

@@ -6,6 +6,7 @@ from autoexec_dagster.errors import InsightValidationError, PlanError, PlaybookE
 from autoexec_dagster.keys import idempotency_keys
 from autoexec_dagster.playbook import Guardrails, Playbook, Rule
 from autoexec_dagster.routing import rekey, route
+from autoexec_dagster.workflows.workflow import Step, Workflow
 from tests.conftest import churn_playbook, churn_scores
 
 
@@ -153,3 +154,29 @@ def test_integer_entity_ids_become_strings():
     plan = route(df, churn_playbook())
     assert plan["entity_id"].tolist() == [str(i) for i in range(10)]
     assert isinstance(Guardrails().max_actions, int)
+
+
+def test_an_insight_column_a_workflow_step_reads_is_required_before_routing():
+    playbook = Playbook(
+        name="stock",
+        entity_key="sku",
+        rules=[Rule(name="short", when="shortfall > 0", workflow="replenish")],
+        workflows={
+            "replenish": Workflow(
+                steps=[
+                    Step(name="draft", action="draft_po"),
+                    Step(
+                        name="gate",
+                        approve_when="`draft.total` > approval_limit",
+                        approvers=["procurement"],
+                    ),
+                ]
+            )
+        },
+    )
+    insight = pd.DataFrame({"sku": ["a", "b"], "shortfall": [3, 0]})
+    with pytest.raises(
+        InsightValidationError,
+        match=r"lacks column\(s\) 'approval_limit' \(read by step replenish.gate\)",
+    ):
+        route(insight, playbook, partition_key="2026-12-01")

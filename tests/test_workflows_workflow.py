@@ -117,7 +117,7 @@ def test_bad_workflows_are_refused_with_the_problem_named(steps, message):
         ({"action": "health", "until": "`v.ok` == 1"}, "'until' needs a 'timeout'"),
         ({"wait": "1h", "until": "`v.ok` == 1", "timeout": "2h"}, "'until' polls an action"),
         ({"action": "health", "every": "30s"}, "belong to a poll"),
-        ({}, "exactly one of 'action', 'wait' or 'wait_until'"),
+        ({}, "exactly one of 'action', 'wait', 'wait_until'"),
         ({"action": "a", "wait": "1h"}, "exactly one of"),
         ({"action": "bad name"}, "must start with a letter"),
         ({"action": "a", "when": "__import__('os')"}, "do not allow"),
@@ -138,3 +138,130 @@ def test_a_poll_may_read_its_own_output_and_failure_steps_any_main_step():
     )
     with pytest.raises(ValidationError, match="on_failure"):
         Workflow(steps=[Step(name="a", action="x")], on_failure="  ")
+
+
+def cheapest(frame):  # an importable transform for the YAML form
+    return frame[["instance_id"]].assign(supplier="acme")
+
+
+def replenish() -> Workflow:
+    return Workflow(
+        steps=[
+            Step(name="quotes", action="supplier_quotes"),
+            Step(name="choose", transform=cheapest),
+            Step(name="draft_po", action="draft_po"),
+            Step(
+                name="approval",
+                approve_when="`draft_po.total` > 5000",
+                approvers=["procurement"],
+                expires_after="2d",
+                on_expiry="escalate",
+                notify="approver_email",
+                sla="1d",
+            ),
+            Step(name="submit", action="submit_po"),
+        ],
+        on_failure="Purchase order not completed",
+    )
+
+
+def test_transform_and_approval_steps_have_their_kinds_and_defaults():
+    workflow = replenish()
+    assert [s.kind for s in workflow.steps] == [
+        "action",
+        "transform",
+        "action",
+        "approval",
+        "action",
+    ]
+    approval = workflow.step("approval")
+    assert approval.value_column == "draft_po.total"
+    assert approval.approval_expiry == timedelta(days=2)
+    assert approval.approval_sla == timedelta(days=1)
+    # The notify channel is one of the playbook's actions, so it must have a channel.
+    assert "approver_email" in workflow.actions
+    assert Step(name="a", approve_when="x > 1", approvers=["p"]).approval_expiry == timedelta(
+        days=7
+    )
+    assert workflow.step("choose").transform_fn is cheapest
+
+
+def test_a_yaml_transform_is_imported_at_load_time():
+    step = Step(name="choose", transform="tests.test_workflows_workflow:cheapest")
+    assert step.transform_fn is cheapest
+    with pytest.raises(ValidationError, match="cannot be imported"):
+        Step(name="choose", transform="no_such_module_here:fn")
+    with pytest.raises(ValidationError, match="has no attribute 'nope'"):
+        Step(name="choose", transform="tests.test_workflows_workflow:nope")
+    with pytest.raises(ValidationError, match="must be written 'module:function'"):
+        Step(name="choose", transform="just_a_name")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"approve_when": "total > 1"}, "needs 'approvers'"),
+        (
+            {"approve_when": "total > 1", "approvers": ["a"], "min_approvals": 2},
+            r"min_approvals=2 is more than the 1 approver\(s\) listed \(a\)",
+        ),
+        ({"approve_when": "total > 1", "approvers": ["a", "a"]}, "names someone twice"),
+        ({"approve_when": "total > 1", "approvers": [" "]}, "name is empty"),
+        ({"action": "x", "approvers": ["a"]}, "'approvers' belong to an approval step"),
+        (
+            {"approve_when": "total > 1", "approvers": ["a"], "sla": "3d", "expires_after": "2d"},
+            "sla .* must be shorter than expires_after",
+        ),
+        ({"approve_when": "total >", "approvers": ["a"]}, "does not parse"),
+        ({"approve_when": "total > 1", "approvers": ["a"], "on_expiry": "ignore"}, "on_expiry"),
+        ({"approve_when": "total > 1", "approvers": ["a"], "notify": "bad name"}, "must start"),
+        ({"transform": cheapest, "action": "x"}, "exactly one of"),
+    ],
+)
+def test_bad_approval_and_transform_steps_are_refused(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        Step(name="gate", **fields)
+
+
+def test_approve_when_may_read_only_earlier_steps():
+    with pytest.raises(
+        ValidationError, match="reads the output of step 'submit', which comes later"
+    ):
+        Workflow(
+            steps=[
+                Step(name="gate", approve_when="`submit.total` > 1", approvers=["a"]),
+                Step(name="submit", action="submit_po"),
+            ]
+        )
+    with pytest.raises(ValidationError, match="'nowhere', which is not a step"):
+        Workflow(
+            steps=[
+                Step(name="draft", action="draft_po"),
+                Step(name="gate", approve_when="`nowhere.total` > 1", approvers=["a"]),
+            ]
+        )
+    with pytest.raises(ValidationError, match="'value' reads the output of step 'gate'"):
+        Workflow(
+            steps=[
+                Step(name="gate", approve_when="x > 1", approvers=["a"], value="gate.total"),
+            ]
+        )
+
+
+def test_insight_columns_the_steps_read_are_listed_with_their_readers():
+    workflow = Workflow(
+        steps=[
+            Step(name="draft", action="draft_po", when="shortfall > 0"),
+            Step(
+                name="gate",
+                approve_when="`draft.total` > limit",
+                approvers=["a"],
+                approves=["sku", "draft.total"],
+            ),
+        ]
+    )
+    assert workflow.insight_columns() == {
+        "shortfall": ["draft"],
+        "limit": ["gate"],
+        "sku": ["gate"],
+    }

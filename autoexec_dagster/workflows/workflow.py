@@ -5,15 +5,24 @@ A workflow is an ordered list of steps. A step is one of:
 - an **action**: a channel delivers one request; the reply's JSON is the step's output;
 - a **poll**: an action repeated every ``every`` ``until`` a condition over its output holds, for at
   most ``timeout``;
-- a **timer**: ``wait`` a duration, or ``wait_until`` a per-entity timestamp column.
+- a **timer**: ``wait`` a duration, or ``wait_until`` a per-entity timestamp column;
+- a **transform**: a pure function over the instances reaching it (a DataFrame in, a DataFrame
+  out), for decisions such as "the cheapest supplier that can deliver in time"; its new columns
+  are the step's output;
+- an **approval** gate: where ``approve_when`` holds, the instance waits for listed approvers to
+  approve the payload the following steps will act on; elsewhere it passes, approved by the rule.
 
 ``when`` makes a step conditional. Conditions read the entity's insight columns and earlier steps'
 outputs as columns named ``<step>.<field>`` (backticked, as pandas query syntax wants them), so they
 are evaluated vectorised over every instance that reaches the step together.
 """
 
+import importlib
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Literal
 
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from autoexec_dagster.errors import PlaybookError
@@ -21,6 +30,40 @@ from autoexec_dagster.expressions import NAME_RE, parse_expression
 from autoexec_dagster.workflows.durations import Duration, as_timedelta
 
 DEFAULT_POLL_EVERY = timedelta(minutes=1)
+# How long an approval request waits for people when the step does not say.
+DEFAULT_APPROVAL_EXPIRY = timedelta(days=7)
+# The column a transform's frame and result identify instances by.
+INSTANCE_COLUMN = "instance_id"
+
+TransformFn = Callable[[pd.DataFrame], pd.DataFrame]
+OnExpiry = Literal["reject", "escalate", "approve"]
+
+
+def import_transform(path: str) -> TransformFn:
+    """The callable a YAML playbook names as ``module:function``.
+
+    Raises:
+        ValueError: The text is not ``module:function``, the module does not import, or the
+            attribute is missing or not callable.
+    """
+    module_name, colon, attribute = path.partition(":")
+    if not colon or not module_name.strip() or not attribute.strip():
+        raise ValueError(f"transform {path!r} must be written 'module:function'")
+    try:
+        module = importlib.import_module(module_name.strip())
+    except Exception as exc:
+        raise ValueError(
+            f"transform {path!r}: module {module_name!r} cannot be imported "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+    target = module
+    for part in attribute.strip().split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"transform {path!r}: {module_name!r} has no attribute {part!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"transform {path!r} is not callable")
+    return target  # pyright: ignore[reportReturnType]
 
 
 def step_references(expression: str, *, where: str) -> frozenset[str]:
@@ -43,9 +86,29 @@ class Step(BaseModel):
         timeout: How long a poll may go on; past it the step fails.
         wait: A timer: the instance waits this long, holding no process.
         wait_until: A timer until the time in this insight column (per entity).
+        transform: A pure step: a callable (or, in YAML, ``module:function``) that takes a
+            DataFrame of the instances reaching the step (an ``instance_id`` column, the insight
+            columns and earlier outputs as ``<step>.<field>``) and returns a DataFrame with an
+            ``instance_id`` column and the step's output columns; an instance it returns no
+            row for fails the step with the transform's reason (column ``reason`` if given).
+        approve_when: Makes the step an approval gate: where this holds, the instance waits for
+            people; elsewhere it passes, recorded as approved by the rule.
+        approvers: Who may decide (names as people give them with ``--by``).
+        min_approvals: Distinct approvers needed (2 for four eyes); one rejection rejects.
+        expires_after: How long a request waits for people (default 7 days).
+        on_expiry: What an unanswered request becomes: ``reject`` (the default: nothing happens
+            without a person), ``escalate`` (the instance fails and is escalated with its
+            evidence) or ``approve``.
+        notify: The channel that tells each approver (with signed approve and reject links when
+            approval links are configured).
+        sla: How soon a person should answer; an asset check warns past it.
+        value: The column that gives a request its value, summed in listings (default: the
+            numeric column ``approve_when`` reads; the first by name if it reads several).
+        approves: The columns the approval covers (default: every insight column and every
+            earlier step's output); a change to any of them needs a new approval.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
     name: str
     action: str | None = None
@@ -55,8 +118,35 @@ class Step(BaseModel):
     timeout: Duration | None = None
     wait: Duration | None = None
     wait_until: str | None = None
+    transform: TransformFn | str | None = None
+    approve_when: str | None = None
+    approvers: tuple[str, ...] = ()
+    min_approvals: int = Field(default=1, ge=1)
+    expires_after: Duration | None = None
+    on_expiry: OnExpiry = "reject"
+    notify: str | None = None
+    sla: Duration | None = None
+    value: str | None = None
+    approves: tuple[str, ...] | None = None
 
-    @field_validator("name", "action")
+    @field_validator("transform")
+    @classmethod
+    def _check_transform(cls, value: TransformFn | str | None) -> TransformFn | str | None:
+        if isinstance(value, str):
+            import_transform(value)  # fail at load time, not at the first instance
+        return value
+
+    @field_validator("approvers")
+    @classmethod
+    def _check_approvers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        cleaned = tuple(v.strip() for v in value)
+        if any(not v for v in cleaned):
+            raise ValueError("approvers: an approver's name is empty")
+        if len(set(cleaned)) != len(cleaned):
+            raise ValueError(f"approvers: {list(cleaned)} names someone twice")
+        return cleaned
+
+    @field_validator("name", "action", "notify")
     @classmethod
     def _check_names(cls, value: str | None) -> str | None:
         if value is not None and not NAME_RE.match(value):
@@ -68,11 +158,19 @@ class Step(BaseModel):
 
     @model_validator(mode="after")
     def _check_kind(self) -> "Step":
-        kinds = [self.action is not None, self.wait is not None, self.wait_until is not None]
+        kinds = [
+            self.action is not None,
+            self.wait is not None,
+            self.wait_until is not None,
+            self.transform is not None,
+            self.approve_when is not None,
+        ]
         if sum(kinds) != 1:
             raise ValueError(
-                f"step {self.name!r} must set exactly one of 'action', 'wait' or 'wait_until'"
+                f"step {self.name!r} must set exactly one of 'action', 'wait', 'wait_until', "
+                "'transform' or 'approve_when'"
             )
+        self._check_approval()
         if self.until is not None and self.action is None:
             raise ValueError(f"step {self.name!r}: 'until' polls an action; set 'action'")
         if self.until is not None and self.timeout is None:
@@ -84,7 +182,7 @@ class Step(BaseModel):
             raise ValueError(
                 f"step {self.name!r}: 'every' and 'timeout' belong to a poll ('until')"
             )
-        for field in ("when", "until"):
+        for field in ("when", "until", "approve_when"):
             source = getattr(self, field)
             if source is not None:
                 try:
@@ -93,12 +191,83 @@ class Step(BaseModel):
                     raise ValueError(f"step {self.name!r}: {exc}") from None
         return self
 
+    def _check_approval(self) -> None:
+        approval_only = {
+            "approvers": bool(self.approvers),
+            "expires_after": self.expires_after is not None,
+            "notify": self.notify is not None,
+            "sla": self.sla is not None,
+            "value": self.value is not None,
+            "approves": self.approves is not None,
+            "min_approvals": self.min_approvals != 1,
+            "on_expiry": self.on_expiry != "reject",
+        }
+        if self.approve_when is None:
+            stray = [name for name, given in approval_only.items() if given]
+            if stray:
+                raise ValueError(
+                    f"step {self.name!r}: {', '.join(repr(s) for s in stray)} belong to an "
+                    "approval step ('approve_when')"
+                )
+            return
+        if not self.approvers:
+            raise ValueError(
+                f"step {self.name!r}: an approval step needs 'approvers' (who may decide); "
+                "nobody could approve it otherwise"
+            )
+        if self.min_approvals > len(self.approvers):
+            raise ValueError(
+                f"step {self.name!r}: min_approvals={self.min_approvals} is more than the "
+                f"{len(self.approvers)} approver(s) listed ({', '.join(self.approvers)})"
+            )
+        if self.sla is not None and as_timedelta(self.sla) >= self.approval_expiry:
+            raise ValueError(
+                f"step {self.name!r}: sla ({self.sla}) must be shorter than expires_after "
+                f"({self.approval_expiry}), or it would never warn before the expiry"
+            )
+
     @property
     def kind(self) -> str:
-        """``action``, ``poll`` or ``timer``."""
+        """``action``, ``poll``, ``timer``, ``transform`` or ``approval``."""
+        if self.transform is not None:
+            return "transform"
+        if self.approve_when is not None:
+            return "approval"
         if self.action is None:
             return "timer"
         return "poll" if self.until is not None else "action"
+
+    @property
+    def transform_fn(self) -> TransformFn:
+        """A transform step's callable (imported when given as ``module:function``)."""
+        if self.transform is None:
+            raise ValueError(f"step {self.name!r} is not a transform")
+        if isinstance(self.transform, str):
+            return import_transform(self.transform)
+        return self.transform
+
+    @property
+    def approval_expiry(self) -> timedelta:
+        """How long an approval request waits for people."""
+        if self.expires_after is None:
+            return DEFAULT_APPROVAL_EXPIRY
+        return as_timedelta(self.expires_after)
+
+    @property
+    def approval_sla(self) -> timedelta | None:
+        """How soon a person should answer an approval request (None: no SLA)."""
+        return None if self.sla is None else as_timedelta(self.sla)
+
+    @property
+    def value_column(self) -> str | None:
+        """The column that gives an approval request its value."""
+        if self.value is not None:
+            return self.value
+        if self.approve_when is None:
+            return None
+        parsed = parse_expression(self.approve_when, rule=f"{self.name}.approve_when")
+        candidates = sorted(parsed.numeric_columns or parsed.columns)
+        return candidates[0] if candidates else None
 
     @property
     def poll_every(self) -> timedelta:
@@ -157,11 +326,23 @@ class Workflow(BaseModel):
 
     @staticmethod
     def _check_order(step: Step, *, earlier: set[str], every: set[str]) -> None:
-        for field, allowed in (("when", earlier), ("until", earlier | {step.name})):
+        for field, allowed in (
+            ("when", earlier),
+            ("until", earlier | {step.name}),
+            ("approve_when", earlier),
+            ("value", earlier),
+            ("approves", earlier),
+        ):
             source = getattr(step, field)
             if source is None:
                 continue
-            for ref in sorted(step_references(source, where=f"{step.name}.{field}")):
+            if field == "value":
+                refs = {source.split(".", 1)[0]} if "." in source else set()
+            elif field == "approves":
+                refs = {c.split(".", 1)[0] for c in source if "." in c}
+            else:
+                refs = step_references(source, where=f"{step.name}.{field}")
+            for ref in sorted(refs):
                 if ref in allowed:
                     continue
                 where = "comes later" if ref in every else "is not a step of this workflow"
@@ -170,6 +351,26 @@ class Workflow(BaseModel):
                     f"{where}; a step may read only steps before it"
                     + (" (and 'until' its own output)" if field == "until" else "")
                 )
+
+    def insight_columns(self) -> dict[str, list[str]]:
+        """Insight columns the steps read (undotted names), each with the steps that read it.
+
+        Routing checks them before a workflow starts, so a step reading a column the insight
+        lacks is refused up front instead of failing every instance when it gets there.
+        """
+        readers: dict[str, list[str]] = {}
+        for step in [*self.steps, *self.on_failure_steps]:
+            names: set[str] = set()
+            for field in ("when", "until", "approve_when"):
+                source = getattr(step, field)
+                if source is not None:
+                    names |= parse_expression(source, rule=f"{step.name}.{field}").columns
+            names |= {c for c in (step.value, *(step.approves or ())) if c is not None}
+            if step.wait_until is not None:
+                names.add(step.wait_until)
+            for name in sorted(n for n in names if "." not in n):
+                readers.setdefault(name, []).append(step.name)
+        return readers
 
     def step(self, name: str) -> Step:
         """The step called ``name``.
@@ -184,6 +385,7 @@ class Workflow(BaseModel):
 
     @property
     def actions(self) -> list[str]:
-        """Channel names the steps use, without repeats."""
+        """Channel names the steps use (actions and approval notifications), without repeats."""
         steps = [*self.steps, *self.on_failure_steps]
-        return list(dict.fromkeys(s.action for s in steps if s.action is not None))
+        names = [s.action or s.notify for s in steps]
+        return list(dict.fromkeys(n for n in names if n is not None))
