@@ -328,8 +328,23 @@ class Playbook(BaseModel):
     def input_columns(self) -> frozenset[str]:
         """Every column the insight must hold before routing."""
         return frozenset(
-            {self.entity_key, *self.rule_columns(), *self.required_columns, *self.score_ranges}
+            {
+                self.entity_key,
+                *self.rule_columns(),
+                *self.required_columns,
+                *self.score_ranges,
+                *self.workflow_columns(),
+            }
         )
+
+    def workflow_columns(self) -> dict[str, list[str]]:
+        """Insight columns the steps of started workflows read: column -> ``workflow.step``."""
+        readers: dict[str, list[str]] = {}
+        started = {rule.workflow for rule in self.rules if rule.workflow is not None}
+        for name in sorted(started & set(self.workflows)):
+            for column, steps in self.workflows[name].insight_columns().items():
+                readers.setdefault(column, []).extend(f"{name}.{step}" for step in steps)
+        return readers
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "playbook") -> "Playbook":
