@@ -25,6 +25,14 @@ class PlanError(AutoexecError, ValueError):
     """A plan cannot be executed as given (an action without a channel, a partition mismatch)."""
 
 
+class ApprovalError(AutoexecError, ValueError):
+    """A decision cannot be applied: an unknown request or one no longer pending, a decider who is
+    not listed, a second decision by the same person, or a payload that changed since the request.
+
+    Nothing is recorded when it is raised.
+    """
+
+
 class LedgerError(AutoexecError):
     """The action ledger cannot be opened, migrated or written."""
 

@@ -7,9 +7,11 @@
 - :mod:`~autoexec_dagster.ledger.escalations`: the escalation queue and its case dedupe;
 - :mod:`~autoexec_dagster.ledger.controls`: the kill switch;
 - :mod:`~autoexec_dagster.ledger.workflow_store`: workflow instances, claimed when due;
+- :mod:`~autoexec_dagster.ledger.approvals`: approval requests and each approver's decision;
 - :mod:`~autoexec_dagster.ledger.queries`: the reads that metadata and the command line use.
 """
 
+from autoexec_dagster.ledger.approvals import ApprovalStore
 from autoexec_dagster.ledger.controls import Controls
 from autoexec_dagster.ledger.engine import DEFAULT_LEDGER_URL
 from autoexec_dagster.ledger.escalations import Escalations
@@ -21,7 +23,7 @@ from autoexec_dagster.ledger.workflow_store import WorkflowStore
 __all__ = ["DEFAULT_LEDGER_URL", "ActionLedger", "Outcome", "WorkItem", "new_worker_id"]
 
 
-class ActionLedger(Outbox, Escalations, Controls, WorkflowStore, LedgerQueries):
+class ActionLedger(Outbox, Escalations, Controls, WorkflowStore, ApprovalStore, LedgerQueries):
     """Durable record of every action, backed by SQLite (default) or PostgreSQL.
 
     Args:

@@ -171,11 +171,19 @@ class WorkflowStore(LedgerBase):
             )
             return [dict(zip(INSTANCE_COLUMNS, row, strict=True)) for row in result]
 
-    def save_instances(self, updates: Sequence[Mapping[str, Any]], *, worker: str) -> int:
+    def save_instances(
+        self,
+        updates: Sequence[Mapping[str, Any]],
+        *,
+        worker: str,
+        applied_approvals: Sequence[str] = (),
+    ) -> int:
         """Write what an advance changed and release the claims; returns the rows written.
 
         Each update holds instance_id and the :data:`SAVED_COLUMNS`. Only instances still held by
         ``worker`` are written, so an advance whose lease ran out cannot overwrite a newer one.
+        ``applied_approvals`` are the decided approval requests this advance acted on, marked
+        applied in the same transaction, so a crash neither loses nor repeats a decision.
         """
         if not updates:
             return 0
@@ -195,10 +203,17 @@ class WorkflowStore(LedgerBase):
             for u in updates
         ]
         written = 0
+        a = schema.approvals
         with self._write("save workflow instances") as conn:
             for chunk in chunks(params, 5_000):
                 result = conn.execute(statement, chunk)
                 written += max(result.rowcount or 0, 0)
+            for chunk in chunks(list(applied_approvals)):
+                conn.execute(
+                    sa.update(a)
+                    .where(a.c.approval_id.in_(chunk), a.c.applied_at.is_(None))
+                    .values(applied_at=self.clock())
+                )
         return written
 
     def heartbeat_instances(self, *, worker: str, lease_seconds: float) -> int:

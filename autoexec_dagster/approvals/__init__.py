@@ -1,0 +1,1 @@
+"""Approval gates for people: signed decision links and the approval endpoint they open."""
