@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pandas as pd
@@ -42,6 +42,7 @@ from autoexec_dagster.ledger.schema import (
     WAITING,
 )
 from autoexec_dagster.playbook import Playbook
+from autoexec_dagster.workflows.instance import Instance, aware
 from autoexec_dagster.workflows.workflow import Step, Workflow
 
 logger = logging.getLogger("autoexec_dagster")
@@ -52,7 +53,6 @@ BATCH = 5_000
 _MAX_ROUNDS = 64
 # An instance whose step attempt is held by another live worker is looked at again after this.
 _HELD_RETRY = timedelta(seconds=30)
-_MAX_LOG = 200
 
 
 @dataclass
@@ -122,80 +122,6 @@ class WorkflowReport:
             "errors": list(self.errors),
             "duration_seconds": self.duration_seconds,
         }
-
-
-@dataclass
-class _Instance:
-    """A claimed instance while it is advanced (mirrors its ledger row)."""
-
-    instance_id: str
-    playbook_version: str
-    workflow: str
-    insight: str
-    partition_key: str
-    entity_id: str
-    rule: str
-    state: str
-    step_index: int
-    attempt: int
-    step_started_at: datetime | None
-    next_due: datetime | None
-    outputs: dict[str, Any]
-    log: list[dict[str, Any]]
-    data: dict[str, Any]
-    error: str | None = None
-    finished_at: datetime | None = None
-    # Stop moving this instance in this call (waiting, finished, or its step is held elsewhere).
-    parked: bool = False
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> "_Instance":
-        return cls(
-            instance_id=row["instance_id"],
-            playbook_version=row["playbook_version"],
-            workflow=row["workflow"],
-            insight=row["insight"],
-            partition_key=row["partition_key"],
-            entity_id=row["entity_id"],
-            rule=row["rule"],
-            state=row["state"],
-            step_index=int(row["step_index"]),
-            attempt=int(row["attempt"]),
-            step_started_at=_aware(row["step_started_at"]),
-            next_due=_aware(row["next_due"]),
-            outputs=payload.loads(row["outputs"]),
-            log=list(payload.loads_value(row["log"], [])),
-            data=payload.loads(row["data"]),
-        )
-
-    def saved(self, workflow: Workflow | None) -> dict[str, Any]:
-        finished = self.state in (SUCCEEDED, FAILED) or workflow is None
-        current = None
-        if workflow is not None and not finished:
-            steps = workflow.on_failure_steps if self.state == FAILING else workflow.steps
-            current = steps[self.step_index].name if self.step_index < len(steps) else None
-        return {
-            "instance_id": self.instance_id,
-            "state": self.state,
-            "step": None if finished else current,
-            "step_index": self.step_index,
-            "attempt": self.attempt,
-            "step_started_at": self.step_started_at,
-            "next_due": None if finished else self.next_due,
-            "outputs": payload.dumps(self.outputs),
-            "log": payload.dumps_value(self.log[-_MAX_LOG:]),
-            "error": self.error,
-            "finished_at": self.finished_at,
-        }
-
-
-def _aware(value: Any) -> datetime | None:
-    if value is None:
-        return None
-    stamp = pd.Timestamp(value)
-    if stamp.tzinfo is None:
-        stamp = stamp.tz_localize(UTC)
-    return stamp.to_pydatetime()
 
 
 def advance_workflows(
@@ -297,7 +223,7 @@ async def advance_workflows_async(
         if not fresh:
             break
         seen.update(row["instance_id"] for row in fresh)
-        await advancer.advance([_Instance.from_row(row) for row in fresh])
+        await advancer.advance([Instance.from_row(row) for row in fresh])
     report.duration_seconds += time.perf_counter() - started
     if report.advanced:
         out.info(
@@ -352,11 +278,11 @@ class _Advancer:
         self.worker = new_worker_id()
         self._rows_lock = threading.Lock()
 
-    def _steps(self, instance: _Instance) -> list[Step]:
+    def _steps(self, instance: Instance) -> list[Step]:
         workflow = self.playbook.workflows[instance.workflow]
         return workflow.on_failure_steps if instance.state == FAILING else workflow.steps
 
-    async def advance(self, instances: list[_Instance]) -> None:
+    async def advance(self, instances: list[Instance]) -> None:
         """Move claimed instances as far as they go now and save them, keeping their lease."""
         beat = asyncio.create_task(
             keep_leases(
@@ -389,7 +315,7 @@ class _Advancer:
             elif instance.state in (RUNNING, FAILING):
                 self.report.running += 1
 
-    async def _advance(self, instances: list[_Instance]) -> None:
+    async def _advance(self, instances: list[Instance]) -> None:
         self.report.advanced += len(instances)
         unknown = [i for i in instances if i.workflow not in self.playbook.workflows]
         for instance in unknown:
@@ -410,8 +336,8 @@ class _Advancer:
         escalations = [i for i in instances if i.state == FAILED and i.finished_at is not None]
         await asyncio.to_thread(self._escalate, escalations)
 
-    async def _round(self, moving: list[_Instance], now: datetime) -> None:
-        groups: dict[tuple[str, str, int], list[_Instance]] = {}
+    async def _round(self, moving: list[Instance], now: datetime) -> None:
+        groups: dict[tuple[str, str, int], list[Instance]] = {}
         for instance in moving:
             steps = self._steps(instance)
             if instance.step_index >= len(steps):
@@ -425,7 +351,7 @@ class _Advancer:
                 ),
                 [],
             ).append(instance)
-        deliveries: list[tuple[_Instance, Step]] = []
+        deliveries: list[tuple[Instance, Step]] = []
         for (_workflow, _phase, _index), members in groups.items():
             step = self._steps(members[0])[members[0].step_index]
             runnable = self._apply_when(step, members, now)
@@ -439,7 +365,7 @@ class _Advancer:
 
     # -- conditions ---------------------------------------------------------------------------
 
-    def _frame(self, members: Sequence[_Instance]) -> pd.DataFrame:
+    def _frame(self, members: Sequence[Instance]) -> pd.DataFrame:
         rows = []
         for instance in members:
             row = dict(instance.data)
@@ -451,13 +377,13 @@ class _Advancer:
         return pd.DataFrame(rows)
 
     def _evaluate(
-        self, step: Step, field_name: str, members: list[_Instance]
-    ) -> tuple[list[_Instance], list[_Instance]]:
+        self, step: Step, field_name: str, members: list[Instance]
+    ) -> tuple[list[Instance], list[Instance]]:
         """(where the condition holds, where it does not); instances missing a field it reads
         fail with a message naming the field, and are in neither list."""
         source = getattr(step, field_name)
         parsed = parse_expression(source, rule=f"{step.name}.{field_name}")
-        ok: list[_Instance] = []
+        ok: list[Instance] = []
         for instance in members:
             missing = self._missing_fields(parsed.columns, instance)
             if missing:
@@ -493,7 +419,7 @@ class _Advancer:
         return holds, fails
 
     @staticmethod
-    def _missing_fields(columns: frozenset[str], instance: _Instance) -> list[str]:
+    def _missing_fields(columns: frozenset[str], instance: Instance) -> list[str]:
         missing = []
         for column in sorted(columns):
             if column in instance.data:
@@ -511,7 +437,7 @@ class _Advancer:
                 )
         return missing
 
-    def _apply_when(self, step: Step, members: list[_Instance], now: datetime) -> list[_Instance]:
+    def _apply_when(self, step: Step, members: list[Instance], now: datetime) -> list[Instance]:
         if step.when is None:
             return members
         # A poll or timer in progress already passed its 'when'.
@@ -529,7 +455,7 @@ class _Advancer:
 
     # -- timers -------------------------------------------------------------------------------
 
-    def _timer(self, step: Step, instance: _Instance, now: datetime) -> None:
+    def _timer(self, step: Step, instance: Instance, now: datetime) -> None:
         if instance.step_started_at is not None:
             self._log(instance, step, SUCCEEDED, "timer elapsed", now)
             self.report.count(step.name, "elapsed")
@@ -537,7 +463,7 @@ class _Advancer:
             return
         if step.wait_until is not None:
             raw = instance.data.get(step.wait_until)
-            due = _aware(raw) if raw is not None else None
+            due = aware(raw) if raw is not None else None
             if due is None:
                 self._fail(
                     instance, step, f"step {step.name!r}: column {step.wait_until!r} is empty", now
@@ -557,15 +483,15 @@ class _Advancer:
 
     # -- actions and polls --------------------------------------------------------------------
 
-    async def _deliver(self, deliveries: list[tuple[_Instance, Step]], now: datetime) -> None:
+    async def _deliver(self, deliveries: list[tuple[Instance, Step]], now: datetime) -> None:
         for instance, _step in deliveries:
             if instance.step_started_at is None:
                 instance.step_started_at = now
             instance.attempt = max(instance.attempt, 1)
-        by_step: dict[str, list[tuple[_Instance, Step]]] = {}
+        by_step: dict[str, list[tuple[Instance, Step]]] = {}
         for instance, step in deliveries:
             by_step.setdefault(step.name, []).append((instance, step))
-        keyed: list[tuple[_Instance, Step, str]] = []
+        keyed: list[tuple[Instance, Step, str]] = []
         for step_name, members in by_step.items():
             keys = step_keys(
                 instance_ids=[i.instance_id for i, _ in members],
@@ -597,7 +523,7 @@ class _Advancer:
             self.report.steps_delivered += engine.report.succeeded + engine.report.failed
         outcomes = await asyncio.to_thread(self.ledger.step_outcomes, [k for _, _, k in keyed])
         moment = self.ledger.clock()
-        polled: dict[str, list[_Instance]] = {}
+        polled: dict[str, list[Instance]] = {}
         for instance, step, key in keyed:
             state, output, error = outcomes.get(key, (RESERVED, None, None))
             if state == SUCCEEDED:
@@ -618,7 +544,7 @@ class _Advancer:
             step = self._steps(members[0])[members[0].step_index]
             self._until(step, members, moment)
 
-    def _reserve(self, keyed: list[tuple[_Instance, Step, str]]) -> dict[str, list[str]]:
+    def _reserve(self, keyed: list[tuple[Instance, Step, str]]) -> dict[str, list[str]]:
         rows = []
         for instance, step, key in keyed:
             assert step.action is not None
@@ -672,7 +598,7 @@ class _Advancer:
                 to_send.setdefault(step.action, []).append(key)
         return to_send
 
-    def _until(self, step: Step, members: list[_Instance], now: datetime) -> None:
+    def _until(self, step: Step, members: list[Instance], now: datetime) -> None:
         holds, not_yet = self._evaluate(step, "until", members)
         for instance in holds:
             self._next_step(instance, now)
@@ -697,12 +623,12 @@ class _Advancer:
 
     # -- moving on ----------------------------------------------------------------------------
 
-    def _wait(self, instance: _Instance, due: datetime, *, state: str = WAITING) -> None:
+    def _wait(self, instance: Instance, due: datetime, *, state: str = WAITING) -> None:
         instance.state = state if instance.state != FAILING else FAILING
         instance.next_due = due
         instance.parked = True
 
-    def _next_step(self, instance: _Instance, now: datetime) -> None:
+    def _next_step(self, instance: Instance, now: datetime) -> None:
         instance.step_index += 1
         instance.attempt = 0
         instance.step_started_at = None
@@ -712,7 +638,7 @@ class _Advancer:
         if instance.step_index >= len(self._steps(instance)):
             self._end_of_steps(instance, now)
 
-    def _end_of_steps(self, instance: _Instance, now: datetime) -> None:
+    def _end_of_steps(self, instance: Instance, now: datetime) -> None:
         if instance.state == FAILING:
             self._finish_failed(instance, instance.error or "the workflow failed")
             return
@@ -721,7 +647,7 @@ class _Advancer:
         instance.parked = True
         self.report.succeeded += 1
 
-    def _fail(self, instance: _Instance, step: Step, error: str, now: datetime) -> None:
+    def _fail(self, instance: Instance, step: Step, error: str, now: datetime) -> None:
         self._log(instance, step, FAILED, error, now)
         self.report.count(step.name, "failed")
         self.report.note_error(error)
@@ -738,7 +664,7 @@ class _Advancer:
             instance.error = error
         self._finish_failed(instance, instance.error or error)
 
-    def _finish_failed(self, instance: _Instance, error: str) -> None:
+    def _finish_failed(self, instance: Instance, error: str) -> None:
         instance.state = FAILED
         instance.error = error
         instance.finished_at = self.ledger.clock()
@@ -746,7 +672,7 @@ class _Advancer:
         self.report.failed += 1
 
     def _log(
-        self, instance: _Instance, step: Step, outcome: str, detail: str, now: datetime
+        self, instance: Instance, step: Step, outcome: str, detail: str, now: datetime
     ) -> None:
         instance.log.append(
             {
@@ -758,7 +684,7 @@ class _Advancer:
             }
         )
 
-    def _escalate(self, failed: list[_Instance]) -> None:
+    def _escalate(self, failed: list[Instance]) -> None:
         if not failed:
             return
         rows = []
