@@ -101,3 +101,20 @@ def step_keys(*, instance_ids: Sequence[str], step: str, attempts: Sequence[int]
         hasher.update(f"{instance}{SEP}{attempt}".encode())
         keys.append(hasher.hexdigest())
     return keys
+
+
+def approval_key(*, instance_id: str, step: str, digest: str) -> str:
+    """The id of an approval request: hash(instance, step, payload digest).
+
+    A changed payload is a new request with a new id, so no decision carries over to it.
+    """
+    text = SEP.join(("approval", instance_id, step, digest))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def notify_keys(*, approval_id: str, approvers: Sequence[str]) -> list[str]:
+    """Keys of the notifications of one approval request: one per approver, sent once."""
+    return [
+        hashlib.blake2b(SEP.join(("notify", approval_id, p)).encode(), digest_size=16).hexdigest()
+        for p in approvers
+    ]

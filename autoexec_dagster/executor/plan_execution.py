@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from autoexec_dagster.approvals.links import ApprovalLinks
 from autoexec_dagster.channels.base import Channel
 from autoexec_dagster.errors import PlanError
 from autoexec_dagster.executor.delivery import DeliveryEngine, Progress
@@ -64,6 +65,7 @@ def execute_plan(
     progress_interval_seconds: float = 5.0,
     on_progress: Callable[[Progress], None] | None = None,
     log: logging.Logger | Any | None = None,
+    approval_links: ApprovalLinks | None = None,
 ) -> ExecutionReport:
     """Execute every ``act`` row of a plan through its channel and record everything in the ledger.
 
@@ -86,6 +88,8 @@ def execute_plan(
         progress_interval_seconds: How often progress is logged on long batches.
         on_progress: Called with a :class:`Progress` at the same interval.
         log: Logger (a ``logging.Logger`` or Dagster's ``context.log``).
+        approval_links: Signed-link settings for the approval notifications of the workflows
+            this partition starts (see :func:`~autoexec_dagster.advance_workflows`).
 
     Returns:
         The :class:`ExecutionReport`.
@@ -109,6 +113,7 @@ def execute_plan(
             progress_interval_seconds=progress_interval_seconds,
             on_progress=on_progress,
             log=log,
+            approval_links=approval_links,
         ),
         name="execute_plan",
     )
@@ -128,6 +133,7 @@ async def execute_plan_async(
     progress_interval_seconds: float = 5.0,
     on_progress: Callable[[Progress], None] | None = None,
     log: logging.Logger | Any | None = None,
+    approval_links: ApprovalLinks | None = None,
 ) -> ExecutionReport:
     """Async form of :func:`execute_plan`, with the same arguments and behaviour."""
     started = time.perf_counter()
@@ -171,6 +177,7 @@ async def execute_plan_async(
             run_id=run_id,
             lease_seconds=lease_seconds,
             log=out,
+            approval_links=approval_links,
             report=WorkflowReport(
                 playbook=playbook.name,
                 partition_key=report.partition_key,

@@ -91,8 +91,9 @@ class ApprovalStore(LedgerBase):
     def request_approvals(self, rows: Sequence[Mapping[str, Any]]) -> list[str]:
         """Insert approval requests that do not exist yet; returns the ids inserted by this call.
 
-        Each row holds every non-null column of ``autoexec_approvals`` except the decision
-        columns; ``approvers`` is a list and ``payload`` a mapping (both stored as JSON).
+        Each row holds every non-null column of ``autoexec_approvals`` except ``status`` (pending
+        unless given: a gate its rule passed is recorded approved, with its decision columns);
+        ``approvers`` is a list and ``payload`` a mapping (both stored as JSON).
         """
         if not rows:
             return []
@@ -103,8 +104,8 @@ class ApprovalStore(LedgerBase):
             for chunk in chunks(rows, 2_000):
                 values = [
                     {
-                        **row,
                         "status": PENDING,
+                        **row,
                         "approvers": json.dumps(list(row["approvers"])),
                         "payload": json.dumps(row["payload"], sort_keys=True, default=str),
                     }

@@ -13,7 +13,8 @@ from typing import Any
 import pandas as pd
 import sqlalchemy as sa
 
-from autoexec_dagster.ledger import schema
+from autoexec_dagster.errors import LedgerError
+from autoexec_dagster.ledger import payload, schema
 from autoexec_dagster.ledger.engine import LedgerBase, chunks
 from autoexec_dagster.ledger.engine import now as utcnow
 from autoexec_dagster.ledger.schema import ACTIVE_INSTANCE_STATES, CANCELLED
@@ -215,6 +216,86 @@ class WorkflowStore(LedgerBase):
                     .values(applied_at=self.clock())
                 )
         return written
+
+    def amend_instance(
+        self,
+        instance_id: str,
+        *,
+        step: str,
+        changes: Mapping[str, Any],
+        by: str,
+        note: str,
+    ) -> dict[str, Any]:
+        """Correct fields of one step's output of an active instance (a person edits the
+        purchase order); returns the step's new output.
+
+        The change is logged on the instance with who and why, and the instance is due at once:
+        an approval whose payload this changes is void, and a new one is requested.
+
+        Raises:
+            LedgerError: The instance does not exist, is not active, is being advanced right
+                now, or has no output for ``step``; nothing is written.
+        """
+        if not (by or "").strip() or not (note or "").strip():
+            raise LedgerError("an amendment needs who (by) and why (note)")
+        t = schema.workflow_instances
+        moment = self.clock()
+        with self._write("amend a workflow instance") as conn:
+            row = conn.execute(
+                sa.select(t.c.state, t.c.outputs, t.c.log, t.c.worker, t.c.lease_expires_at).where(
+                    t.c.instance_id == instance_id
+                )
+            ).first()
+            if row is None:
+                raise LedgerError(f"no workflow instance {instance_id!r}")
+            if row.state not in ACTIVE_INSTANCE_STATES:
+                raise LedgerError(
+                    f"instance {instance_id} is {row.state}; only an active one can change"
+                )
+            if row.worker is not None and (row.lease_expires_at or 0) > time.time():
+                raise LedgerError(f"instance {instance_id} is being advanced right now; try again")
+            outputs = payload.loads(row.outputs)
+            if not isinstance(outputs.get(step), dict):
+                raise LedgerError(
+                    f"instance {instance_id} has no output of step {step!r} (it has "
+                    f"{sorted(outputs)})"
+                )
+            outputs[step] = {**outputs[step], **changes}
+            log = list(payload.loads_value(row.log, []))
+            log.append(
+                {
+                    "step": step,
+                    "outcome": "amended",
+                    "attempt": 0,
+                    "at": moment.isoformat(),
+                    "detail": f"amended by {by}: {note} ({sorted(changes)})"[:500],
+                }
+            )
+            conn.execute(
+                sa.update(t)
+                .where(t.c.instance_id == instance_id)
+                .values(
+                    outputs=payload.dumps(outputs),
+                    log=payload.dumps_value(log),
+                    next_due=moment,
+                    updated_at=utcnow(),
+                )
+            )
+        return outputs[step]
+
+    def wake_instances(self, instance_ids: Sequence[str]) -> int:
+        """Make active instances due now (a decision arrived); returns how many."""
+        t = schema.workflow_instances
+        woken = 0
+        with self._write("wake workflow instances") as conn:
+            for chunk in chunks(list(instance_ids)):
+                result = conn.execute(
+                    sa.update(t)
+                    .where(t.c.instance_id.in_(chunk), t.c.state.in_(ACTIVE_INSTANCE_STATES))
+                    .values(next_due=self.clock())
+                )
+                woken += result.rowcount or 0
+        return woken
 
     def heartbeat_instances(self, *, worker: str, lease_seconds: float) -> int:
         """Extend the lease of every instance this worker holds; returns how many."""

@@ -15,12 +15,12 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import pandas as pd
 
+from autoexec_dagster.approvals.links import ApprovalLinks
 from autoexec_dagster.channels.base import Channel
 from autoexec_dagster.errors import PlanError, PlaybookError
 from autoexec_dagster.executor.delivery import DeliveryEngine, keep_leases, locked_call
@@ -35,6 +35,7 @@ from autoexec_dagster.ledger.schema import (
     FAILING,
     FINAL_STATES,
     IN_DOUBT,
+    REJECTED,
     RESERVED,
     RUNNING,
     SKIPPED,
@@ -42,7 +43,10 @@ from autoexec_dagster.ledger.schema import (
     WAITING,
 )
 from autoexec_dagster.playbook import Playbook
+from autoexec_dagster.workflows.approval_gate import ApprovalGate
 from autoexec_dagster.workflows.instance import Instance, aware
+from autoexec_dagster.workflows.report import WorkflowReport
+from autoexec_dagster.workflows.transform_step import run_transform, transform_frame
 from autoexec_dagster.workflows.workflow import Step, Workflow
 
 logger = logging.getLogger("autoexec_dagster")
@@ -55,75 +59,6 @@ _MAX_ROUNDS = 64
 _HELD_RETRY = timedelta(seconds=30)
 
 
-@dataclass
-class WorkflowReport:
-    """What one call of :func:`advance_workflows` (or a workflow-starting ``execute_plan``) did.
-
-    Attributes:
-        playbook: Playbook name.
-        partition_key: The partition advanced, or None for every partition.
-        started: Instances started by this call (by ``execute_plan``).
-        advanced: Instances this call claimed and moved.
-        steps_delivered: Step attempts delivered (polls count each attempt).
-        steps_skipped: Steps skipped because their ``when`` did not hold.
-        waiting: Instances left waiting at the end of this call (a poll interval or a timer).
-        running: Instances left due but not finished (a step held by another worker).
-        succeeded: Instances that finished every step in this call.
-        failed: Instances that failed for good in this call (each is also escalated).
-        escalated: Entities escalated with the evidence of their workflow.
-        next_due: When the earliest instance this call left waiting is due.
-        by_step: Per step: delivered, skipped, failed, waiting counts.
-        errors: A bounded sample of failure messages.
-        duration_seconds: Wall time of the call.
-    """
-
-    playbook: str
-    partition_key: str | None = None
-    started: int = 0
-    advanced: int = 0
-    steps_delivered: int = 0
-    steps_skipped: int = 0
-    waiting: int = 0
-    running: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    escalated: int = 0
-    next_due: datetime | None = None
-    by_step: dict[str, dict[str, int]] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
-    duration_seconds: float = 0.0
-
-    def count(self, step: str, outcome: str, n: int = 1) -> None:
-        """Add ``n`` to the per-step tally of ``outcome``."""
-        tally = self.by_step.setdefault(step, {})
-        tally[outcome] = tally.get(outcome, 0) + n
-
-    def note_error(self, message: str) -> None:
-        """Keep a bounded sample of failure messages."""
-        if len(self.errors) < 20:
-            self.errors.append(message)
-
-    def as_dict(self) -> dict[str, Any]:
-        """Everything in the report as plain data."""
-        return {
-            "playbook": self.playbook,
-            "partition_key": self.partition_key,
-            "started": self.started,
-            "advanced": self.advanced,
-            "steps_delivered": self.steps_delivered,
-            "steps_skipped": self.steps_skipped,
-            "waiting": self.waiting,
-            "running": self.running,
-            "succeeded": self.succeeded,
-            "failed": self.failed,
-            "escalated": self.escalated,
-            "next_due": self.next_due.isoformat() if self.next_due else None,
-            "by_step": {k: dict(v) for k, v in self.by_step.items()},
-            "errors": list(self.errors),
-            "duration_seconds": self.duration_seconds,
-        }
-
-
 def advance_workflows(
     *,
     playbook: Playbook,
@@ -134,6 +69,7 @@ def advance_workflows(
     lease_seconds: float = 60.0,
     max_instances: int | None = None,
     log: logging.Logger | Any | None = None,
+    approval_links: ApprovalLinks | None = None,
 ) -> WorkflowReport:
     """Advance every due workflow instance of a playbook as far as it can go now.
 
@@ -149,12 +85,16 @@ def advance_workflows(
         lease_seconds: How long a claim on an instance or a step holds without being saved.
         max_instances: Stop after claiming this many instances (None: all that are due).
         log: Logger (a ``logging.Logger`` or Dagster's ``context.log``).
+        approval_links: Where ``autoexec serve`` listens and the secret its links are signed
+            with; approval notifications then carry signed approve and reject links (None: the
+            notifications name the request for the command line only).
 
     Returns:
         The :class:`WorkflowReport`.
 
     Raises:
-        PlanError: A step's action has no channel.
+        PlanError: A step's action or notify channel has no channel, or a transform step's
+            function returned something it may not (the instances are left as they were).
         LedgerError: The ledger cannot be read or written.
     """
     return run_outside_loop(
@@ -167,6 +107,7 @@ def advance_workflows(
             lease_seconds=lease_seconds,
             max_instances=max_instances,
             log=log,
+            approval_links=approval_links,
         ),
         name="advance_workflows",
     )
@@ -183,6 +124,7 @@ async def advance_workflows_async(
     max_instances: int | None = None,
     log: logging.Logger | Any | None = None,
     report: WorkflowReport | None = None,
+    approval_links: ApprovalLinks | None = None,
 ) -> WorkflowReport:
     """Async form of :func:`advance_workflows`, with the same arguments and behaviour."""
     started = time.perf_counter()
@@ -203,6 +145,7 @@ async def advance_workflows_async(
         run_id=run_id,
         lease_seconds=lease_seconds,
         log=out,
+        links=approval_links,
     )
     seen: set[str] = set()
     while max_instances is None or len(seen) < max_instances:
@@ -242,10 +185,11 @@ def check_workflow_channels(playbook: Playbook, channels: Mapping[str, Channel])
         PlanError: Naming each step whose action has no channel.
     """
     missing = [
-        f"{step.action!r} (workflow {name!r}, step {step.name!r})"
+        f"{channel!r} (workflow {name!r}, step {step.name!r})"
         for name, workflow in playbook.workflows.items()
         for step in [*workflow.steps, *workflow.on_failure_steps]
-        if step.action is not None and step.action not in channels
+        for channel in (step.action, step.notify)
+        if channel is not None and channel not in channels
     ]
     if missing:
         raise PlanError(
@@ -267,6 +211,7 @@ class _Advancer:
         run_id: str | None,
         lease_seconds: float,
         log: Any,
+        links: ApprovalLinks | None = None,
     ):
         self.playbook = playbook
         self.ledger = ledger
@@ -277,6 +222,10 @@ class _Advancer:
         self.log = log
         self.worker = new_worker_id()
         self._rows_lock = threading.Lock()
+        self.links = links
+        # Decided approval requests acted on since the last save (marked applied with it).
+        self.applied_approvals: list[str] = []
+        self._gate = ApprovalGate(self, send_notifications=self._send_notifications)
 
     def _steps(self, instance: Instance) -> list[Step]:
         workflow = self.playbook.workflows[instance.workflow]
@@ -294,6 +243,18 @@ class _Advancer:
         )
         try:
             await self._advance(instances)
+        except PlanError:
+            # A transform that returned what it may not: leave every instance as it was (its
+            # recorded step attempts are found again by key), so the fixed code resumes them.
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+            await asyncio.to_thread(
+                self.ledger.release_instances,
+                [i.instance_id for i in instances],
+                worker=self.worker,
+            )
+            raise
         finally:
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -302,11 +263,18 @@ class _Advancer:
             (i.saved(self.playbook.workflows.get(i.workflow)) for i in instances),
             key=lambda u: u["instance_id"],
         )
+        applied, self.applied_approvals = self.applied_approvals, []
         # Under the lock: a heartbeat already running in its thread finishes first (see
         # locked_call), so the two UPDATEs never lock the same rows at once.
         await asyncio.to_thread(
-            locked_call, self._rows_lock, self.ledger.save_instances, updates, worker=self.worker
+            locked_call,
+            self._rows_lock,
+            self.ledger.save_instances,
+            updates,
+            worker=self.worker,
+            applied_approvals=applied,
         )
+        await asyncio.to_thread(self._wake_decided, instances)
         for instance in instances:
             if instance.state == WAITING and instance.next_due is not None:
                 self.report.waiting += 1
@@ -352,29 +320,95 @@ class _Advancer:
                 [],
             ).append(instance)
         deliveries: list[tuple[Instance, Step]] = []
+        gates: list[tuple[Step, list[Instance]]] = []
         for (_workflow, _phase, _index), members in groups.items():
             step = self._steps(members[0])[members[0].step_index]
             runnable = self._apply_when(step, members, now)
+            if step.kind == "transform":
+                # First, so a transform that must be refused stops the round before any send.
+                if runnable:
+                    self._transform(step, runnable, now)
+                continue
+            if step.kind == "approval":
+                if runnable:
+                    gates.append((step, runnable))
+                continue
             for instance in runnable:
                 if step.kind == "timer":
                     self._timer(step, instance, now)
                 else:
                     deliveries.append((instance, step))
+        for step, members in gates:
+            await self._gate.advance(step, members, now)
         if deliveries:
             await self._deliver(deliveries, now)
 
+    # -- transforms and approvals -------------------------------------------------------------
+
+    def _transform(self, step: Step, members: list[Instance], now: datetime) -> None:
+        frame = transform_frame(
+            [self._frame_row(i) for i in members], [i.instance_id for i in members]
+        )
+        result = run_transform(step, frame)
+        for instance in members:
+            output = result.outputs.get(instance.instance_id)
+            if output is None:
+                reason = result.dropped.get(instance.instance_id, f"step {step.name!r}: no row")
+                self._fail(instance, step, reason, now)
+                continue
+            instance.outputs[step.name] = output
+            self._log(instance, step, SUCCEEDED, "transformed", now)
+            self.report.count(step.name, "transformed")
+            self._next_step(instance, now)
+
+    def _reject(self, instance: Instance, step: Step, detail: str, now: datetime) -> None:
+        self._log(instance, step, REJECTED, detail, now)
+        instance.state = REJECTED
+        instance.error = detail
+        instance.finished_at = now
+        instance.parked = True
+        self.report.rejected += 1
+
+    def _wake_decided(self, instances: list[Instance]) -> None:
+        """Instances saved waiting at a gate whose request was decided while this advance held
+        them: the decision set them due, and the save just overwrote that; set it again."""
+        parked = [
+            i.instance_id
+            for i in instances
+            if i.state == WAITING
+            and i.workflow in self.playbook.workflows
+            and i.step_index < len(self._steps(i))
+            and self._steps(i)[i.step_index].kind == "approval"
+        ]
+        if parked:
+            decided = self.ledger.decided_unapplied(parked)
+            if decided:
+                self.ledger.wake_instances(sorted(decided))
+
+    async def _send_notifications(self, rows: list[dict[str, Any]]) -> tuple[int, int]:
+        """Reserve and deliver approver notifications; returns (delivered, failed)."""
+        for row in rows:
+            row["delivery"] = self.channels[row["action"]].delivery
+        to_send = await asyncio.to_thread(self._reserve_rows, rows)
+        if not to_send:
+            return 0, 0
+        engine = self._engine()
+        await engine.run(to_send)
+        return engine.report.succeeded, engine.report.failed
+
     # -- conditions ---------------------------------------------------------------------------
 
+    @staticmethod
+    def _frame_row(instance: Instance) -> dict[str, Any]:
+        row = dict(instance.data)
+        for step_name, output in instance.outputs.items():
+            if isinstance(output, Mapping):
+                for name, value in output.items():
+                    row[f"{step_name}.{name}"] = value
+        return row
+
     def _frame(self, members: Sequence[Instance]) -> pd.DataFrame:
-        rows = []
-        for instance in members:
-            row = dict(instance.data)
-            for step_name, output in instance.outputs.items():
-                if isinstance(output, Mapping):
-                    for name, value in output.items():
-                        row[f"{step_name}.{name}"] = value
-            rows.append(row)
-        return pd.DataFrame(rows)
+        return pd.DataFrame([self._frame_row(i) for i in members])
 
     def _evaluate(
         self, step: Step, field_name: str, members: list[Instance]
@@ -501,24 +535,7 @@ class _Advancer:
             keyed.extend((i, s, k) for (i, s), k in zip(members, keys, strict=True))
         to_send = await asyncio.to_thread(self._reserve, keyed)
         if to_send:
-            engine = DeliveryEngine(
-                ledger=self.ledger,
-                channels=self.channels,
-                report=ExecutionReport(
-                    playbook=self.playbook.name,
-                    playbook_version=self.playbook.effective_version,
-                    insight="",
-                    partition_key="",
-                ),
-                playbook=self.playbook.name,
-                partition_key=self.report.partition_key or "",
-                run_id=self.run_id,
-                lease_seconds=self.lease_seconds,
-                progress_interval=5.0,
-                on_progress=None,
-                log=self.log,
-                escalate_failures=False,
-            )
+            engine = self._engine()
             await engine.run(to_send)
             self.report.steps_delivered += engine.report.succeeded + engine.report.failed
         outcomes = await asyncio.to_thread(self.ledger.step_outcomes, [k for _, _, k in keyed])
@@ -543,6 +560,26 @@ class _Advancer:
         for members in polled.values():
             step = self._steps(members[0])[members[0].step_index]
             self._until(step, members, moment)
+
+    def _engine(self) -> DeliveryEngine:
+        return DeliveryEngine(
+            ledger=self.ledger,
+            channels=self.channels,
+            report=ExecutionReport(
+                playbook=self.playbook.name,
+                playbook_version=self.playbook.effective_version,
+                insight="",
+                partition_key="",
+            ),
+            playbook=self.playbook.name,
+            partition_key=self.report.partition_key or "",
+            run_id=self.run_id,
+            lease_seconds=self.lease_seconds,
+            progress_interval=5.0,
+            on_progress=None,
+            log=self.log,
+            escalate_failures=False,
+        )
 
     def _reserve(self, keyed: list[tuple[Instance, Step, str]]) -> dict[str, list[str]]:
         rows = []
@@ -575,8 +612,16 @@ class _Advancer:
                     },
                 }
             )
+        return self._reserve_rows(rows)
+
+    def _reserve_rows(self, rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+        """Reserve outbox rows (insert-ignore) and return the unfinished keys to send, by action.
+
+        A row already final is not sent again; one a crash left in flight is recovered first
+        (at-most-once rows are escalated, not resent).
+        """
         self.ledger.reserve(rows)
-        keys = [k for _, _, k in keyed]
+        keys = [r["idempotency_key"] for r in rows]
         states = self.ledger.states(keys)
         unfinished = [k for k in keys if states.get(k, (RESERVED, None))[0] not in FINAL_STATES]
         recovered = self.ledger.recover(unfinished) if unfinished else {}
@@ -592,10 +637,10 @@ class _Advancer:
             )
         to_send: dict[str, list[str]] = {}
         gone = set(at_most_once)
-        for _instance, step, key in keyed:
-            if key in unfinished and key not in gone:
-                assert step.action is not None
-                to_send.setdefault(step.action, []).append(key)
+        waiting = set(unfinished) - gone
+        for row in rows:
+            if row["idempotency_key"] in waiting:
+                to_send.setdefault(row["action"], []).append(row["idempotency_key"])
         return to_send
 
     def _until(self, step: Step, members: list[Instance], now: datetime) -> None:

@@ -20,10 +20,10 @@ are evaluated vectorised over every instance that reaches the step together.
 import importlib
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator, model_validator
 
 from autoexec_dagster.errors import PlaybookError
 from autoexec_dagster.expressions import NAME_RE, parse_expression
@@ -36,6 +36,18 @@ DEFAULT_APPROVAL_EXPIRY = timedelta(days=7)
 INSTANCE_COLUMN = "instance_id"
 
 TransformFn = Callable[[pd.DataFrame], pd.DataFrame]
+
+
+def transform_name(value: Any) -> str:
+    """A transform as text: ``module:function`` (what YAML writes, and what versions hash)."""
+    if isinstance(value, str):
+        return value
+    return f"{getattr(value, '__module__', '?')}:{getattr(value, '__qualname__', repr(value))}"
+
+
+Transform = Annotated[
+    TransformFn | str, PlainSerializer(transform_name, return_type=str, when_used="always")
+]
 OnExpiry = Literal["reject", "escalate", "approve"]
 
 
@@ -118,7 +130,7 @@ class Step(BaseModel):
     timeout: Duration | None = None
     wait: Duration | None = None
     wait_until: str | None = None
-    transform: TransformFn | str | None = None
+    transform: Transform | None = None
     approve_when: str | None = None
     approvers: tuple[str, ...] = ()
     min_approvals: int = Field(default=1, ge=1)
