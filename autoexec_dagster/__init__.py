@@ -7,13 +7,16 @@ action, a person or a holdout; channels execute the actions; the action ledger r
 from autoexec_dagster.channels.base import ActionRequest, Channel, Delivered, Sender
 from autoexec_dagster.channels.email import EmailChannel
 from autoexec_dagster.channels.python import PythonChannel
+from autoexec_dagster.approvals.links import ApprovalLinks
 from autoexec_dagster.channels.sql import SqlChannel
+from autoexec_dagster.channels.sql_query import SqlQueryChannel
 from autoexec_dagster.channels.webhook import WebhookChannel, verify_signature
 from autoexec_dagster.components.execution_component import ExecutionComponent
 from autoexec_dagster.dagster.defs_factory import build_execution_defs
 from autoexec_dagster.dagster.execution_assets import ExecuteFn
 from autoexec_dagster.dagster.insight_sensor import flagged_metadata
 from autoexec_dagster.errors import (
+    ApprovalError,
     AutoexecError,
     ChannelConfigError,
     ChannelError,
@@ -40,6 +43,8 @@ from autoexec_dagster.workflows.workflow import Step, Workflow
 __all__ = [
     "ActionLedger",
     "ActionRequest",
+    "ApprovalError",
+    "ApprovalLinks",
     "AutoexecError",
     "Channel",
     "ChannelConfigError",
@@ -61,6 +66,7 @@ __all__ = [
     "Rule",
     "Sender",
     "SqlChannel",
+    "SqlQueryChannel",
     "Step",
     "TransientChannelError",
     "WebhookChannel",

@@ -53,6 +53,7 @@ CHANNEL_TYPES: dict[str, str] = {
     "email": "autoexec_dagster.channels.email:EmailChannel",
     "webhook": "autoexec_dagster.channels.webhook:WebhookChannel",
     "sql": "autoexec_dagster.channels.sql:SqlChannel",
+    "sql_query": "autoexec_dagster.channels.sql_query:SqlQueryChannel",
     "python": "autoexec_dagster.channels.python:PythonChannel",
 }
 
