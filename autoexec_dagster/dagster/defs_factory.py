@@ -29,7 +29,13 @@ from typing import Any
 
 import dagster as dg
 
+from autoexec_dagster.approvals.links import ApprovalLinks
 from autoexec_dagster.channels.base import Channel
+from autoexec_dagster.dagster.approval_assets import (
+    APPROVALS,
+    build_approval_sla_check,
+    has_approval_steps,
+)
 from autoexec_dagster.dagster.execution_assets import (
     ExecuteFn,
     ExecutionSetup,
@@ -220,6 +226,7 @@ def build_execution_defs(
     execute_fn: ExecuteFn | None = None,
     workflow_sensor_interval_seconds: int | None = None,
     ledger_clock: Callable[[], datetime] | None = None,
+    approval_links: ApprovalLinks | None = None,
 ) -> dg.Definitions:
     """Definitions that execute a playbook on every new partition of an insight asset.
 
@@ -263,6 +270,9 @@ def build_execution_defs(
             default; the sensors and the runs all read it. For demos and tests only (e.g.
             :class:`~autoexec_dagster.dagster.ledger_resource.FileClock`, which every process of
             a deployment reads alike); None keeps the real time.
+        approval_links: Where ``autoexec serve`` listens and the secret approval links are
+            signed with (:class:`~autoexec_dagster.ApprovalLinks`, e.g. ``ApprovalLinks.
+            from_env()``); approver notifications then carry signed approve and reject links.
 
     Returns:
         Definitions holding the execution assets ``<playbook>/plan``, ``<playbook>/actions``
@@ -302,6 +312,7 @@ def build_execution_defs(
         group_name=group_name or book.name,
         preview_rows=preview_rows,
         execute_fn=execute_fn or default_execute,
+        approval_links=approval_links,
     )
     assets = build_execution_assets(setup)
     checks = build_insight_checks(
@@ -314,13 +325,25 @@ def build_execution_defs(
         # not write a real escalation from its check either.
         dry_run=book.guardrails.dry_run if dry_run is None else dry_run,
     )
+    asset_checks = [checks]
+    gated_keys: list[dg.AssetKey] = []
+    if has_approval_steps(book):
+        gated_keys.append(setup.asset_key(APPROVALS))
+        asset_checks.append(
+            build_approval_sla_check(
+                playbook=book,
+                approvals_key=setup.asset_key(APPROVALS),
+                partitions_def=setup.partitions_def,
+                ledger=setup.ledger,
+            )
+        )
     # The checks are part of the job so that the blocking check runs in the same run as the
     # execution assets: a blocking check only holds back downstream steps of its own run.
     job = dg.define_asset_job(
         name=f"{book.name}_execution_job",
         selection=InsightPartitionsGuard(
-            dg.AssetSelection.assets(*execution_asset_keys(book))
-            | dg.AssetSelection.checks(checks),
+            dg.AssetSelection.assets(*execution_asset_keys(book), *gated_keys)
+            | dg.AssetSelection.checks(*asset_checks),
             insight_key=insight_key,
             partitions_def=setup.partitions_def,
         ),
@@ -362,7 +385,7 @@ def build_execution_defs(
     )
     return dg.Definitions(
         assets=[assets],
-        asset_checks=[checks],
+        asset_checks=asset_checks,
         jobs=[job],
         sensors=sensors,
         schedules=schedules,

@@ -35,7 +35,13 @@ from typing import Any, Protocol
 import dagster as dg
 import pandas as pd
 
+from autoexec_dagster.approvals.links import ApprovalLinks
 from autoexec_dagster.channels.base import Channel
+from autoexec_dagster.dagster.approval_assets import (
+    APPROVALS,
+    approvals_metadata,
+    has_approval_steps,
+)
 from autoexec_dagster.dagster.insight_checks import as_insight_frame
 from autoexec_dagster.dagster.ledger_resource import LedgerHandle
 from autoexec_dagster.dagster.metadata import (
@@ -88,6 +94,7 @@ def default_execute(
     partition_key: str,
     insight: str,
     dry_run: bool | None,
+    approval_links: ApprovalLinks | None = None,
 ) -> ExecutionReport:
     """Execute the plan with :func:`autoexec_dagster.execute_plan`, logging to the run.
 
@@ -100,6 +107,9 @@ def default_execute(
         partition_key: The insight partition ("" when unpartitioned).
         insight: The insight asset key as a string.
         dry_run: Record without sending; None defers to the playbook's guardrail.
+        approval_links: Signed-link settings for approval notifications (given only when
+            ``build_execution_defs(approval_links=...)`` is set, so an ``execute_fn`` written
+            without approvals keeps working).
 
     Returns:
         The execution report.
@@ -114,6 +124,7 @@ def default_execute(
         run_id=context.run_id,
         dry_run=dry_run,
         log=context.log,
+        approval_links=approval_links,
     )
 
 
@@ -131,6 +142,7 @@ class ExecutionSetup:
         group_name: Dagster asset group of the execution assets.
         preview_rows: Rows in each metadata preview.
         execute_fn: Executes a routed plan (override to customise execution).
+        approval_links: Signed-link settings for approval notifications (None: none).
     """
 
     playbook: Playbook
@@ -142,6 +154,7 @@ class ExecutionSetup:
     group_name: str | None = None
     preview_rows: int = PREVIEW_ROWS
     execute_fn: ExecuteFn = field(default=default_execute)
+    approval_links: ApprovalLinks | None = None
 
     @property
     def insight_name(self) -> str:
@@ -264,6 +277,9 @@ def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
     )
     def execute(context: dg.OpExecutionContext, routed_plan: pd.DataFrame) -> ExecutionReport:
         partition = _partition(context)
+        extra: dict[str, Any] = (
+            {"approval_links": setup.approval_links} if setup.approval_links else {}
+        )
         try:
             report = setup.execute_fn(
                 context,
@@ -274,6 +290,7 @@ def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
                 partition_key=partition,
                 insight=insight_name,
                 dry_run=setup.dry_run,
+                **extra,
             )
         except AutoexecError as exc:
             raise _failure(str(exc), playbook=name, partition=partition) from None
@@ -350,6 +367,31 @@ def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
         context.log.info(f"{name} [{report.partition_key or '-'}]: {metadata['status']}")
         return dg.Output(report.as_dict(), output_name=ACTIONS, metadata=metadata)
 
+    @dg.op(
+        name=f"{name}_approvals",
+        ins={"report": dg.In()},
+        out={APPROVALS: dg.Out(io_manager_key=io_key)},
+        tags=tags,
+        description="Summarise the partition's approval requests: pending and decided.",
+    )
+    def approvals(context: dg.OpExecutionContext, report: ExecutionReport) -> dg.Output:
+        book = ledger()
+        summary, metadata = approvals_metadata(
+            book,
+            playbook=playbook,
+            partition_key=report.partition_key,
+            now=book.clock(),
+            max_rows=setup.preview_rows,
+        )
+        if summary["pending"]:
+            context.log.info(
+                f"{name} [{report.partition_key or '-'}]: {summary['pending']:,} approval(s) "
+                f"worth {summary['pending_value']:,.2f} wait for people "
+                f"(autoexec approvals --playbook {name})"
+            )
+        return dg.Output(summary, output_name=APPROVALS, metadata=metadata)
+
+    gated = has_approval_steps(playbook)
     definition_metadata = {
         "autoexec/playbook": name,
         "autoexec/playbook_version": playbook.effective_version,
@@ -365,20 +407,27 @@ def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
         "by kind and reason, with a masked preview. Resolve them with `autoexec resolve`.",
         ACTIONS: f"What playbook {name!r} executed and how it ended: outcomes per action, "
         "autonomy rate, failures, retries, throughput and a Markdown summary.",
+        APPROVALS: f"The approval requests of playbook {name!r} for each partition: pending "
+        "(count, total value, oldest age) and decided (by the rule, by people, rejected, "
+        "expired). Observed again whenever a person decides, not only at runs.",
     }
+    names = (PLAN, ESCALATIONS, ACTIONS, APPROVALS) if gated else (PLAN, ESCALATIONS, ACTIONS)
 
     @dg.graph(
         name=f"{name}_execution",
-        out={output: dg.GraphOut() for output in (PLAN, ESCALATIONS, ACTIONS)},
+        out={output: dg.GraphOut() for output in names},
     )
     def _execution(insight: Any) -> dict[str, Any]:
         plan, routed_plan = route_op(insight)
         report = execute(routed_plan)
         escalations = escalate(report)
         actions = summarize(report, escalations)
-        return {PLAN: plan, ESCALATIONS: escalations, ACTIONS: actions}
+        outputs = {PLAN: plan, ESCALATIONS: escalations, ACTIONS: actions}
+        if gated:
+            outputs[APPROVALS] = approvals(report)
+        return outputs
 
-    keys = {output: setup.asset_key(output) for output in (PLAN, ESCALATIONS, ACTIONS)}
+    keys = {output: setup.asset_key(output) for output in names}
     outputs = list(keys)
     return dg.AssetsDefinition.from_graph(
         _execution,
@@ -390,6 +439,7 @@ def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
             PLAN: {setup.insight_key},
             ESCALATIONS: {setup.insight_key, keys[PLAN]},
             ACTIONS: {setup.insight_key, keys[PLAN], keys[ESCALATIONS]},
+            **({APPROVALS: {setup.insight_key, keys[PLAN]}} if gated else {}),
         },
         partitions_def=setup.partitions_def,
         group_name=setup.group_name,

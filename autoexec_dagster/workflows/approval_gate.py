@@ -81,6 +81,15 @@ def approval_payload(step: Step, instance: Instance) -> dict[str, Any]:
     return {"entity": dict(instance.data), "steps": steps}
 
 
+def _next_look(request: Mapping[str, Any], now: datetime) -> datetime:
+    """When a waiting instance is due again: at its SLA (a run then evaluates the SLA check),
+    else at its expiry. A decision makes it due at once either way."""
+    sla = request.get("sla_due_at")
+    if sla is not None and sla > now:
+        return min(sla, request["expires_at"])
+    return request["expires_at"]
+
+
 def _number(value: Any) -> float | None:
     try:
         number = float(value)
@@ -213,7 +222,7 @@ class ApprovalGate:
                 f"({step.approve_when}); expires {stored['expires_at']:%Y-%m-%d %H:%M} UTC",
                 now,
             )
-            host._wait(instance, stored["expires_at"])
+            host._wait(instance, _next_look(stored, now))
             host.report.count(step.name, "requested")
             opened.append((instance, stored))
         host.report.approvals_requested += len(inserted)
@@ -260,7 +269,7 @@ class ApprovalGate:
             if status == PENDING and row["expires_at"] <= now:
                 expired.append((instance, row))
             elif status == PENDING:
-                host._wait(instance, row["expires_at"])
+                host._wait(instance, _next_look(row, now))
             else:
                 self._decided(step, instance, row, now)
         if expired:
