@@ -23,6 +23,7 @@ Errors are printed without a traceback and exit with status 2.
 from collections.abc import Sequence
 
 # Importing the command modules registers their commands on the group.
+import autoexec_dagster.cli.approval_commands  # pyright: ignore[reportUnusedImport]
 import autoexec_dagster.cli.backtest_commands  # pyright: ignore[reportUnusedImport]
 import autoexec_dagster.cli.ledger_commands  # noqa: F401  # pyright: ignore[reportUnusedImport]
 from autoexec_dagster.cli.common import cli
