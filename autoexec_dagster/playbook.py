@@ -36,13 +36,17 @@ RuleCallable = Callable[[pd.DataFrame], pd.Series]
 class Rule(BaseModel):
     """One routing rule: when it matches, act, start a workflow, escalate to a person, or skip.
 
-    Exactly one of ``action``, ``workflow``, ``escalate`` or ``skip`` must be set.
+    Exactly one of ``action``, ``workflow``, ``escalate`` or ``skip`` must be set, except that
+    ``escalate`` may come with an ``action``: the action a person can approve for the escalated
+    entity (``Rule(escalate="Call this customer", action="crm_task")``). Nothing is executed until
+    a person approves it; it then goes through the ledger like any action.
 
     Attributes:
         name: Identifier of the rule (letters, digits, underscores), shown in the ledger.
         when: A pandas query expression over the insight's columns, or a callable that takes the
             insight DataFrame and returns a boolean Series (Python playbooks only).
-        action: Name of the action (a key of the ``channels`` mapping) to execute.
+        action: Name of the action (a key of the ``channels`` mapping) to execute; with
+            ``escalate``, the action proposed to the person, executed only once approved.
         workflow: Name of a workflow of the playbook (``Playbook.workflows``) to start for each
             matching entity: durable steps, advanced by later runs.
         escalate: Reason text; matching entities go to the human escalation queue.
@@ -84,8 +88,9 @@ class Rule(BaseModel):
 
     @model_validator(mode="after")
     def _check_outcome(self) -> "Rule":
+        # An action next to 'escalate' is the proposed action a person approves, not an outcome.
         chosen = [
-            self.action is not None,
+            self.action is not None and self.escalate is None,
             self.workflow is not None,
             self.escalate is not None,
             self.skip,
@@ -93,7 +98,7 @@ class Rule(BaseModel):
         if sum(chosen) != 1:
             raise ValueError(
                 f"rule {self.name!r} must set exactly one of 'action', 'workflow', 'escalate' or "
-                "'skip'"
+                "'skip' (an 'action' may accompany 'escalate' as the action a person can approve)"
             )
         if self.escalate is not None and not self.escalate.strip():
             raise ValueError(f"rule {self.name!r}: the escalation reason is empty")
@@ -107,13 +112,18 @@ class Rule(BaseModel):
     @property
     def decision(self) -> str:
         """``act``, ``workflow``, ``escalate`` or ``skip``."""
+        if self.escalate is not None:
+            return "escalate"
         if self.action is not None:
             return "act"
         if self.workflow is not None:
             return "workflow"
-        if self.escalate is not None:
-            return "escalate"
         return "skip"
+
+    @property
+    def proposed_action(self) -> str | None:
+        """The action a person can approve for entities this rule escalates, if any."""
+        return self.action if self.escalate is not None else None
 
     @property
     def expression(self) -> ParsedExpression | None:

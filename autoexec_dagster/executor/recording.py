@@ -3,6 +3,11 @@
 Every entity gets a row: escalations, holdouts and skips are final at once; actions are reserved
 with their request data, so the delivery engine sends them from the ledger alone. A key that exists
 already is an entity an earlier run handled: it is counted, never sent again.
+
+An entity a person suppressed in the playbook (:mod:`~autoexec_dagster.ledger.suppressions`) gets
+no action, workflow or new escalation while the suppression lasts: its row is recorded as skipped,
+with who suppressed it and until when. A rule escalation that proposes an action
+(``Rule(escalate=..., action=...)``) carries it to the queue, where a person may approve it.
 """
 
 import math
@@ -10,6 +15,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from autoexec_dagster.channels.base import Channel
@@ -27,11 +33,14 @@ from autoexec_dagster.ledger.schema import (
     SKIPPED,
     WORKFLOW,
 )
+from autoexec_dagster.ledger.suppressions import Suppression
 from autoexec_dagster.routing import PLAN_ATTRS, PLAN_COLUMNS
 from autoexec_dagster.workflows.workflow import Workflow
 
 RECORD_CHUNK = 5_000
 DRY_PREFIX = "dry:"
+# Decisions a suppression stops: each would act on the entity or put it before a person.
+_SUPPRESSIBLE = frozenset({"act", "escalate", "workflow"})
 _STATE_FOR_DECISION = {
     "escalate": ESCALATED,
     "holdout": HELD_OUT,
@@ -69,7 +78,9 @@ def record_plan(
     rule escalation whose case (entity and rule) is still open from another partition is recorded
     as escalated there and not opened again; the report counts it per partition. An entity routed
     to a workflow (``starts``: rule name -> the workflow's name and definition) starts one instance, keyed like the
-    decision, due at once.
+    decision, due at once. An entity suppressed in the playbook (by the ledger's clock) gets no
+    action, workflow or escalation: its row is recorded as skipped, naming who suppressed it and
+    until when, and a pending action an earlier run left for it is skipped, not sent.
     """
     info = keyed.attrs[PLAN_ATTRS]
     partition = info["partition_key"] or ""
@@ -88,10 +99,20 @@ def record_plan(
     rule_all = keyed["rule"].astype(str).to_numpy()
     action_all = keyed["action"].astype(object).to_numpy()
     reason_all = keyed["reason"].astype(str).to_numpy()
+    suppressions = _suppressions(ledger, info["playbook"], entity_all, decision_all)
     for start in range(0, len(keyed), RECORD_CHUNK):
         stop = min(start + RECORD_CHUNK, len(keyed))
         positions = range(start, stop)
-        escalating = [i for i in positions if decision_all[i] == "escalate"]
+        suppressed: dict[int, Suppression] = (
+            {
+                i: suppressions[str(entity_all[i])]
+                for i in positions
+                if decision_all[i] in _SUPPRESSIBLE and str(entity_all[i]) in suppressions
+            }
+            if suppressions
+            else {}
+        )
+        escalating = [i for i in positions if decision_all[i] == "escalate" and i not in suppressed]
         cases = {
             i: escalation_dedupe_key(
                 playbook=info["playbook"], entity_id=str(entity_all[i]), rule=rule_all[i]
@@ -111,6 +132,7 @@ def record_plan(
             for i in positions
             if decision_all[i] == "act"
             and not dry
+            and i not in suppressed
             and cooldown.get((entity_all[i], str(action_all[i]))) is None
         ]
         data = dict(
@@ -126,11 +148,16 @@ def record_plan(
                 detail = f"{COOLDOWN_DETAIL} {action} delivered {last:%Y-%m-%d %H:%M} UTC"
             if i in open_elsewhere:
                 detail = f"{STILL_OPEN_DETAIL} {open_elsewhere[i]}"
+            hold = suppressed.get(i)
+            if hold is not None:
+                detail = hold.detail()
             if dry:
-                key, state = DRY_PREFIX + keys_all[i], DRY_RUN
+                # A suppressed entity would not be acted on: the dry run says so too.
+                key = DRY_PREFIX + keys_all[i]
+                state = SKIPPED if hold is not None else DRY_RUN
             else:
                 key = keys_all[i]
-                if last is not None:
+                if last is not None or hold is not None:
                     state = SKIPPED
                 else:
                     state = RESERVED if decision == "act" else _STATE_FOR_DECISION[decision]
@@ -161,10 +188,28 @@ def record_plan(
         )
         new_escalations: list[int] = []
         new_instances: list[int] = []
+        stale: dict[str, str] = {}
         for offset, row in enumerate(rows):
             position = start + offset
             decision = row["decision"]
             action = row["action"] or ""
+            hold = suppressed.get(position)
+            if hold is not None:
+                state, _worker = states.get(row["idempotency_key"], (None, None))
+                if row["idempotency_key"] in inserted or (
+                    decision == "act" and not dry and state not in FINAL_STATES
+                ):
+                    # Recorded as skipped now, or left pending by an earlier run: not sent.
+                    if row["idempotency_key"] not in inserted:
+                        stale[row["idempotency_key"]] = hold.detail()
+                    report.skipped += 1
+                    if decision == "act":
+                        report.count(action, "suppressed")
+                else:
+                    report.already_done += 1
+                    if decision == "act":
+                        report.count(action, "already_done")
+                continue
             if row["idempotency_key"] in inserted:
                 if decision == "act" and row["detail"] is not None:
                     report.cooled_down += 1
@@ -208,6 +253,8 @@ def record_plan(
                 report.already_done += 1
                 if decision == "act":
                     report.count(action, "already_done")
+        if stale:
+            ledger.skip_suppressed(stale)
         if new_instances:
             _start_instances(
                 ledger,
@@ -288,6 +335,8 @@ def _open_rule_escalations(
             "reason": reasons[p],
             "data": entity_data(record),
             "dedupe_key": cases[p],
+            # The rule's proposed action (Rule(escalate=..., action=...)), for a person to approve.
+            "proposed_action": _action_name(record.get("action")),
         }
         for p, record in zip(positions, records, strict=True)
     ]
@@ -303,3 +352,15 @@ def _open_rule_escalations(
         else:
             # Another partition's run opened the same case at the same moment.
             report.note_still_open(elsewhere.get(cases[p], "?"))
+
+
+def _suppressions(
+    ledger: ActionLedger, playbook: str, entity_ids: np.ndarray, decisions: np.ndarray
+) -> dict[str, Suppression]:
+    """Suppressions in force now (the ledger's clock) for the plan's entities that would be acted
+    on or escalated; one indexed count when the playbook has none."""
+    candidates = entity_ids[np.isin(decisions, sorted(_SUPPRESSIBLE))]
+    if not len(candidates):
+        return {}
+    # Entity ids are text in a routed plan; the ledger converts nothing unless one is suppressed.
+    return ledger.active_suppressions(playbook=playbook, entity_ids=candidates.tolist())

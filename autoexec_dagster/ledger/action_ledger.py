@@ -4,7 +4,8 @@
 
 - :mod:`~autoexec_dagster.ledger.engine`: the engine, SQLite settings, schema set-up, migrations;
 - :mod:`~autoexec_dagster.ledger.outbox`: reserve, claim, heartbeat, complete, recover;
-- :mod:`~autoexec_dagster.ledger.escalations`: the escalation queue and its case dedupe;
+- :mod:`~autoexec_dagster.ledger.escalations`: the escalation queue, its case dedupe and decisions;
+- :mod:`~autoexec_dagster.ledger.suppressions`: entities kept out of a playbook for a while;
 - :mod:`~autoexec_dagster.ledger.controls`: the kill switch;
 - :mod:`~autoexec_dagster.ledger.workflow_store`: workflow instances, claimed when due;
 - :mod:`~autoexec_dagster.ledger.approvals`: approval requests and each approver's decision;
@@ -18,12 +19,15 @@ from autoexec_dagster.ledger.escalations import Escalations
 from autoexec_dagster.ledger.liveness import new_worker_id
 from autoexec_dagster.ledger.outbox import Outbox, Outcome, WorkItem
 from autoexec_dagster.ledger.queries import LedgerQueries
+from autoexec_dagster.ledger.suppressions import Suppressions
 from autoexec_dagster.ledger.workflow_store import WorkflowStore
 
 __all__ = ["DEFAULT_LEDGER_URL", "ActionLedger", "Outcome", "WorkItem", "new_worker_id"]
 
 
-class ActionLedger(Outbox, Escalations, Controls, WorkflowStore, ApprovalStore, LedgerQueries):
+class ActionLedger(
+    Outbox, Suppressions, Escalations, Controls, WorkflowStore, ApprovalStore, LedgerQueries
+):
     """Durable record of every action, backed by SQLite (default) or PostgreSQL.
 
     Args:
