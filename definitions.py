@@ -4,24 +4,31 @@
   ``churn_outreach`` playbook (retention emails, CRM tasks, escalations);
 - host remediation: ``host_metrics_history -> host_anomaly_model -> host_anomalies`` (hourly),
   acted on by the ``host_remediation`` playbook (isolate, diagnose, remediate, verify, reinstate
-  as a durable workflow; database hosts and failed remedies to a person).
+  as a durable workflow; database hosts and failed remedies to a person);
+- stock replenishment: ``sales_history -> demand_forecast_model -> stock_shortages`` (daily),
+  acted on by the ``stock_replenishment`` playbook (quotes, the cheapest supplier in time, a
+  draft purchase order, procurement's approval above 5,000, submission, follow-ups until the
+  supplier answers, the inventory; orders that cannot be completed to a person).
 
 Loaded by ``dagster-webserver -w workspace.yaml`` and ``dagster-daemon run -w workspace.yaml``.
 Each execution layer is configured from the environment (see :mod:`resources.channels`,
-:mod:`resources.host_channels` and :mod:`sensors.settings`); building the definitions opens no
-database and no connection.
+:mod:`resources.host_channels`, :mod:`resources.stock_channels` and :mod:`sensors.settings`);
+building the definitions opens no database and no connection.
 """
 
 import dagster as dg
 
-from assets import churn_assets, host_assets
+from assets import churn_assets, host_assets, stock_assets
 from sensors import (
     build_churn_execution_defs,
     build_host_remediation_execution_defs,
+    build_stock_replenishment_execution_defs,
     churn_scoring_job,
     churn_scoring_schedule,
     host_scoring_job,
     host_scoring_schedule,
+    stock_scoring_job,
+    stock_scoring_schedule,
 )
 
 
@@ -29,6 +36,7 @@ def build_defs(
     churn_execution: dg.Definitions | None = None,
     *,
     host_execution: dg.Definitions | None = None,
+    stock_execution: dg.Definitions | None = None,
 ) -> dg.Definitions:
     """Every story's assets, scoring jobs and schedules, merged with their execution layers.
 
@@ -37,19 +45,24 @@ def build_defs(
             environment.
         host_execution: The host-remediation playbook's execution layer; None builds it from
             the environment.
+        stock_execution: The stock-replenishment playbook's execution layer; None builds it
+            from the environment.
 
     Returns:
         The deployment's definitions.
     """
     pipelines = dg.Definitions(
-        assets=[*churn_assets, *host_assets],
-        jobs=[churn_scoring_job, host_scoring_job],
-        schedules=[churn_scoring_schedule, host_scoring_schedule],
+        assets=[*churn_assets, *host_assets, *stock_assets],
+        jobs=[churn_scoring_job, host_scoring_job, stock_scoring_job],
+        schedules=[churn_scoring_schedule, host_scoring_schedule, stock_scoring_schedule],
     )
     return dg.Definitions.merge(
         pipelines,
         churn_execution if churn_execution is not None else build_churn_execution_defs(),
         host_execution if host_execution is not None else build_host_remediation_execution_defs(),
+        stock_execution
+        if stock_execution is not None
+        else build_stock_replenishment_execution_defs(),
     )
 
 

@@ -1,5 +1,6 @@
-"""Assets of the reference deployment, one module per story: churn (``assets.customers``) and host
-remediation (``assets.hosts``), the model outputs the library acts on."""
+"""Assets of the reference deployment, one module per story: churn (``assets.customers``), host
+remediation (``assets.hosts``) and stock replenishment (``assets.stock``), the model outputs the
+library acts on."""
 
 from assets.customers import (
     DAILY_CUSTOMERS,
@@ -31,25 +32,47 @@ from assets.hosts import (
     score_hosts,
     train_host_anomaly_model,
 )
+from assets.stock import (
+    APPROVAL_THRESHOLD,
+    SHORTAGE_COLUMNS,
+    DemandForecastModel,
+    demand_forecast_model,
+    find_shortages,
+    generate_inventory,
+    generate_sales_history,
+    sales_history,
+    sku_master,
+    stock_partitions,
+    stock_shortages,
+    train_demand_model,
+)
 
 churn_assets = [raw_customers, churn_model, churn_scores]
 host_assets = [host_metrics_history, host_anomaly_model, host_anomalies]
+stock_assets = [sales_history, demand_forecast_model, stock_shortages]
 
 __all__ = [
     "ANOMALY_THRESHOLD",
+    "APPROVAL_THRESHOLD",
     "DAILY_CUSTOMERS",
     "FAULT_KINDS",
     "FEATURES",
     "FLAG_THRESHOLD",
+    "SHORTAGE_COLUMNS",
     "TRAINING_CUSTOMERS",
+    "DemandForecastModel",
     "HostAnomalyModel",
     "churn_assets",
     "churn_model",
     "churn_scores",
     "daily_partitions",
+    "demand_forecast_model",
     "fault_of",
+    "find_shortages",
     "generate_customers",
     "generate_host_metrics",
+    "generate_inventory",
+    "generate_sales_history",
     "generate_training_snapshot",
     "host_anomalies",
     "host_anomaly_model",
@@ -60,8 +83,14 @@ __all__ = [
     "injected_faults",
     "mask_email",
     "raw_customers",
+    "sales_history",
     "score_customers",
     "score_hosts",
+    "sku_master",
+    "stock_assets",
+    "stock_partitions",
+    "stock_shortages",
     "train_churn_model",
+    "train_demand_model",
     "train_host_anomaly_model",
 ]

@@ -1,5 +1,5 @@
-"""Resources of the reference deployment: the churn playbook, its channels and ledger, and the
-demo's local destinations.
+"""Resources of the reference deployment: the churn playbook, its channels and ledger, the
+demo's local destinations, and the stock story's supplier catalogue and supplier API.
 
 Everything but the playbook path is imported lazily: ``python -m resources.local_receivers`` must
 neither import its own module twice nor pay for importing Dagster and the library before its CRM
@@ -20,12 +20,18 @@ if TYPE_CHECKING:
         var_dir,
     )
     from resources.local_receivers import CrmReceiver, SmtpSink
+    from resources.supplier_api import SupplierApi
+    from resources.suppliers import SupplierCatalogue, cheapest_feasible_offers, generate_catalogue
 
 CHURN_PLAYBOOK_PATH = Path(__file__).with_name("churn_playbook.yaml")
 
 _LAZY = {
     "CrmReceiver": "resources.local_receivers",
     "SmtpSink": "resources.local_receivers",
+    "SupplierApi": "resources.supplier_api",
+    "SupplierCatalogue": "resources.suppliers",
+    "cheapest_feasible_offers": "resources.suppliers",
+    "generate_catalogue": "resources.suppliers",
     "churn_channels": "resources.channels",
     "crm_db_path": "resources.channels",
     "default_crm_url": "resources.channels",
@@ -39,11 +45,15 @@ __all__ = [
     "CHURN_PLAYBOOK_PATH",
     "CrmReceiver",
     "SmtpSink",
+    "SupplierApi",
+    "SupplierCatalogue",
+    "cheapest_feasible_offers",
     "churn_channels",
     "crm_db_path",
     "default_crm_url",
     "default_ledger_url",
     "default_smtp_port",
+    "generate_catalogue",
     "mailbox_dir",
     "var_dir",
 ]

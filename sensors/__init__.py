@@ -6,6 +6,9 @@
 - :mod:`sensors.host_remediation`: the host-remediation playbook's execution layer over
   ``host_anomalies`` (the same, plus the sensor that advances waiting workflows).
 - :mod:`sensors.host_scoring`: the hourly job and schedule that produce ``host_anomalies``.
+- :mod:`sensors.stock_replenishment`: the stock-replenishment playbook's execution layer over
+  ``stock_shortages`` (with the workflows sensor that follows up orders and applies approvals).
+- :mod:`sensors.stock_scoring`: the daily job and schedule that produce ``stock_shortages``.
 - :mod:`sensors.settings`: the sensors' status and interval, shared by every story.
 """
 
@@ -19,16 +22,21 @@ from sensors.settings import (
     sensor_interval_from_env,
     sensor_status_from_env,
 )
+from sensors.stock_replenishment import build_stock_replenishment_execution_defs
+from sensors.stock_scoring import stock_scoring_job, stock_scoring_schedule
 
 __all__ = [
     "SENSOR_INTERVAL_ENV",
     "SENSOR_STATUS_ENV",
     "build_churn_execution_defs",
     "build_host_remediation_execution_defs",
+    "build_stock_replenishment_execution_defs",
     "churn_scoring_job",
     "churn_scoring_schedule",
     "host_scoring_job",
     "host_scoring_schedule",
     "sensor_interval_from_env",
     "sensor_status_from_env",
+    "stock_scoring_job",
+    "stock_scoring_schedule",
 ]
