@@ -432,3 +432,290 @@ def test_every_listing_command_speaks_json(ledger_url: str, workflow_ledger: str
     assert hosts["totals"]["workflows_succeeded"] == 1
     text = run("summary", "--ledger", workflow_ledger).output
     assert "handed to a workflow" in text and "1 finished every step" in text
+
+
+# -- the escalation queue as a work queue (issue 8) ------------------------------------------
+
+
+@pytest.fixture
+def proposal_ledger(tmp_path: Path) -> str:
+    """A ledger holding partition p1 of the playbook whose VIP escalations propose a CRM task."""
+    from tests.test_ledger_escalations import Recorder as KeyRecorder
+    from tests.test_ledger_escalations import execute_partition
+
+    url = f"sqlite:///{tmp_path / 'queue.db'}"
+    execute_partition(ActionLedger(url), "p1", n=400, channels=KeyRecorder().channels())
+    return url
+
+
+def _lifetime_values(frame_data: list[str]) -> list[float]:
+    return [json.loads(d)["lifetime_value"] for d in frame_data]
+
+
+def test_escalations_sort_by_a_data_column_as_text_csv_and_json(proposal_ledger: str) -> None:
+    import csv
+    import io
+
+    text = run(
+        "escalations",
+        "--ledger",
+        proposal_ledger,
+        "-p",
+        PLAYBOOK,
+        "--sort",
+        "-lifetime_value",
+        "-n",
+        "1000",
+    )
+    assert text.exit_code == 0, text.output
+    shown = [float(v) for v in re.findall(r"lifetime_value=([\d.]+)", text.output)]
+    assert len(shown) > 3 and shown == sorted(shown, reverse=True)
+    assert "proposes: crm_task" in text.output
+
+    listed = run(
+        "escalations",
+        "--ledger",
+        proposal_ledger,
+        "-p",
+        PLAYBOOK,
+        "--sort",
+        "lifetime_value",
+        "--desc",
+        "--csv",
+        "-n",
+        "1000",
+    )
+    rows = list(csv.DictReader(io.StringIO(listed.output)))
+    values = [float(r["lifetime_value"]) for r in rows]
+    assert values == sorted(values, reverse=True) and len(rows) == len(shown)
+    assert {r["status"] for r in rows} == {"open"}
+    assert all(r["email"].startswith(r["email"][0] + "***@") for r in rows)
+    assert all(r["name"].endswith("***") for r in rows)
+    assert {r["proposed_action"] for r in rows if r["rule"] == "vip_at_risk"} == {"crm_task"}
+
+    ascending = json.loads(
+        run(
+            "escalations",
+            "--ledger",
+            proposal_ledger,
+            "-p",
+            PLAYBOOK,
+            "--sort",
+            "lifetime_value",
+            "--json",
+            "-n",
+            "1000",
+        ).output
+    )
+    keys = [r["key"] for r in ascending]
+    assert keys == [r["key"] for r in reversed(rows)]
+    newest_first = json.loads(
+        run(
+            "escalations",
+            "--ledger",
+            proposal_ledger,
+            "-p",
+            PLAYBOOK,
+            "--sort=-created_at",
+            "--json",
+            "-n",
+            "1000",
+        ).output
+    )
+    created = [r["created_at"] for r in newest_first]
+    assert len(created) == len(rows) and created == sorted(created, reverse=True)
+
+
+def test_approve_by_key_once_then_the_listing_shows_the_decision(proposal_ledger: str) -> None:
+    from autoexec_dagster.executor.escalation_actions import deliver_approved_escalations
+    from tests.test_ledger_escalations import Recorder as KeyRecorder
+    from tests.test_ledger_escalations import proposing_playbook
+
+    ledger = ActionLedger(proposal_ledger)
+    key = str(
+        ledger.select_escalations(playbook=PLAYBOOK, rule="vip_at_risk")["idempotency_key"].iloc[0]
+    )
+
+    approved = run(
+        "escalations",
+        "approve",
+        key[:10],
+        "--ledger",
+        proposal_ledger,
+        "--by",
+        "ana",
+        "--note",
+        "account manager calls Monday",
+    )
+
+    assert approved.exit_code == 0, approved.output
+    assert f"{key}: approved crm_task" in approved.output
+    assert "Approved 1 escalation(s) (by ana, via cli)." in approved.output
+    again = run("escalations", "approve", key, "--ledger", proposal_ledger, "--by", "bob")
+    assert again.exit_code == 2 and "not open (it is approved by ana via cli" in again.output
+    decided = run("escalations", "--ledger", proposal_ledger, "-p", PLAYBOOK, "--status", "decided")
+    assert (
+        "[approved]" in decided.output and "proposes: crm_task (action reserved)" in decided.output
+    )
+    assert re.search(
+        r"decided: approved by ana via cli at \d{4}-\d\d-\d\d \d\d:\d\d UTC: account manager calls Monday",
+        decided.output,
+    )
+    recorder = KeyRecorder()
+    delivered = deliver_approved_escalations(
+        playbook=proposing_playbook(), ledger=ledger, channels=recorder.channels()
+    )
+    assert delivered.succeeded == 1 and len(recorder.keys) == 1
+    record = json.loads(
+        run(
+            "escalations",
+            "--ledger",
+            proposal_ledger,
+            "-p",
+            PLAYBOOK,
+            "--status",
+            "approved",
+            "--json",
+        ).output
+    )
+    assert [(r["key"], r["decided_by"], r["decided_via"], r["action_state"]) for r in record] == [
+        (key, "ana", "cli", "succeeded")
+    ]
+    assert record[0]["note"] == "account manager calls Monday"
+
+
+def test_bulk_approval_by_expression_shows_the_match_and_asks(
+    proposal_ledger: str, tmp_path: Path
+) -> None:
+    import dagster as dg
+
+    ledger = ActionLedger(proposal_ledger)
+    vip = ledger.select_escalations(
+        playbook=PLAYBOOK, rule="vip_at_risk", where="lifetime_value >= 7000"
+    )
+    total = sum(_lifetime_values(vip["data"].tolist()))
+    assert len(vip) >= 2
+    args = (
+        "escalations",
+        "approve",
+        "--ledger",
+        proposal_ledger,
+        "-p",
+        PLAYBOOK,
+        "--rule",
+        "vip_at_risk",
+        "--where",
+        "lifetime_value >= 7000",
+        "--total",
+        "lifetime_value",
+        "--by",
+        "ana",
+    )
+    declined = CliRunner().invoke(cli, list(args), input="n\n")
+
+    assert declined.exit_code == 1 and "Aborted" in declined.output
+    assert f"{len(vip)} open escalation(s) match" in declined.output
+    assert f"total lifetime_value: {total:,.2f}" in declined.output
+    assert len(ledger.select_escalations(playbook=PLAYBOOK, statuses=("approved",))) == 0
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    confirmed = CliRunner().invoke(cli, list(args), input="y\n", env={"DAGSTER_HOME": str(home)})
+
+    assert confirmed.exit_code == 0, confirmed.output
+    assert f"Approved {len(vip)} escalation(s)" in confirmed.output
+    now_approved = ledger.select_escalations(playbook=PLAYBOOK, statuses=("approved",))
+    assert set(now_approved["idempotency_key"]) == set(vip["idempotency_key"])
+    assert ledger.escalation_actions_due(playbook=PLAYBOOK) == [("p1", len(vip))]
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        (observed,) = instance.fetch_observations(
+            dg.AssetKey([PLAYBOOK, "escalations"]), limit=5
+        ).records
+    observation = observed.asset_observation
+    assert observation is not None and observation.metadata["changed_by"].value == "ana"
+    assert observation.metadata["source"].value == "autoexec escalations"
+
+
+def test_suppress_reject_and_resolve_from_the_command_line(proposal_ledger: str) -> None:
+    ledger = ActionLedger(proposal_ledger)
+    unsure = ledger.select_escalations(playbook=PLAYBOOK, rule="unsure")
+    vip = ledger.select_escalations(playbook=PLAYBOOK, rule="vip_at_risk")[
+        "idempotency_key"
+    ].astype(str)
+
+    suppressed = run(
+        "escalations",
+        "suppress",
+        "--ledger",
+        proposal_ledger,
+        "-p",
+        PLAYBOOK,
+        "--rule",
+        "unsure",
+        "--for",
+        "30d",
+        "--by",
+        "ana",
+        "--note",
+        "model retraining",
+        "--yes",
+    )
+    rejected = run(
+        "escalations",
+        "reject",
+        vip.iloc[0],
+        "--ledger",
+        proposal_ledger,
+        "--by",
+        "bob",
+        "--note",
+        "customer already churned",
+    )
+    resolved = run(
+        "escalations",
+        "resolve",
+        vip.iloc[1],
+        "--ledger",
+        proposal_ledger,
+        "--by",
+        "cem",
+        "--note",
+        "called",
+    )
+
+    assert suppressed.exit_code == rejected.exit_code == resolved.exit_code == 0
+    assert f"Suppressed {len(unsure)} escalation(s)" in suppressed.output
+    holds = run(
+        "escalations", "suppressions", "--ledger", proposal_ledger, "-p", PLAYBOOK, "--json"
+    )
+    assert {h["entity_id"] for h in json.loads(holds.output)} == set(unsure["entity_id"])
+    listed = run(
+        "escalations",
+        "--ledger",
+        proposal_ledger,
+        "-p",
+        PLAYBOOK,
+        "--status",
+        "decided",
+        "-n",
+        "1000",
+    )
+    assert listed.output.count("decided: suppressed by ana via cli") == len(unsure)
+    assert (
+        "decided: rejected by bob via cli" in listed.output
+        and "customer already churned" in listed.output
+    )
+    assert "decided: resolved by cem via cli" in listed.output
+    lifted = run(
+        "escalations",
+        "lift",
+        str(unsure["entity_id"].iloc[0]),
+        "--ledger",
+        proposal_ledger,
+        "-p",
+        PLAYBOOK,
+        "--by",
+        "ana",
+    )
+    assert lifted.exit_code == 0 and "Lifted the suppression" in lifted.output
+    assert len(ledger.active_suppressions(playbook=PLAYBOOK)) == len(unsure) - 1

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 # Importing the command modules registers their commands on the group.
 import autoexec_dagster.cli.approval_commands  # pyright: ignore[reportUnusedImport]
 import autoexec_dagster.cli.backtest_commands  # pyright: ignore[reportUnusedImport]
+import autoexec_dagster.cli.escalation_commands  # pyright: ignore[reportUnusedImport]
 import autoexec_dagster.cli.ledger_commands  # noqa: F401  # pyright: ignore[reportUnusedImport]
 from autoexec_dagster.cli.common import cli
 

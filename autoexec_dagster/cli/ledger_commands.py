@@ -23,11 +23,21 @@ from autoexec_dagster.cli.common import (
 from autoexec_dagster.dagster.metadata import (
     escalations_frame,
     failed_step,
+    is_personal,
     last_outcome,
     mask_emails,
+    mask_value,
     masked_outputs,
 )
 from autoexec_dagster.ledger.action_ledger import ActionLedger
+from autoexec_dagster.ledger.escalations import (
+    APPROVED,
+    DECIDED_STATUSES,
+    EscalationError,
+    approved_action_key,
+    aware,
+    entity_frame,
+)
 from autoexec_dagster.ledger.schema import ACTIVE_INSTANCE_STATES, INSTANCE_STATES
 
 
@@ -155,16 +165,35 @@ def _scope(playbook: str | None, partition: str | None) -> str:
     return (" for " + ", ".join(parts)) if parts else ""
 
 
-@cli.command()
+_LIST_STATUSES = ("open", "approved", "rejected", "suppressed", "resolved", "decided", "all")
+
+
+@cli.group(invoke_without_command=True)
 @ledger_option
-@click.option("--playbook", "-p", required=True, help="The playbook whose queue to show.")
+@click.option("--playbook", "-p", default=None, help="The playbook whose queue to show.")
 @click.option("--partition", "-k", default=None, help="Only this insight partition.")
 @click.option(
     "--status",
-    type=click.Choice(["open", "resolved", "all"]),
+    type=click.Choice(_LIST_STATUSES),
     default="open",
     show_default=True,
+    help="decided: approved, rejected, suppressed or resolved.",
 )
+@click.option("--rule", default=None, help="Only escalations by this rule.")
+@click.option(
+    "--where",
+    default=None,
+    metavar="EXPRESSION",
+    help='Only escalations whose entity data matches, e.g. "lifetime_value >= 8000".',
+)
+@click.option(
+    "--sort",
+    default=None,
+    metavar="COLUMN",
+    help="Sort by an entity data column (lifetime_value) or a ledger column (created_at, "
+    "decided_at, partition, rule, ...); a leading '-' sorts largest first (--sort=-COLUMN).",
+)
+@click.option("--desc", is_flag=True, help="Sort largest first.")
 @click.option("--limit", "-n", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option(
     "--show-personal",
@@ -179,31 +208,67 @@ def _scope(playbook: str | None, partition: str | None) -> str:
     help="Also mask this column of the entity data (repeatable).",
 )
 @json_option
+@click.option(
+    "--csv", "as_csv", is_flag=True, help="Print CSV, one column per entity data field (masked)."
+)
+@click.pass_context
 def escalations(
+    ctx: click.Context,
     ledger_url: str | None,
-    playbook: str,
+    playbook: str | None,
     partition: str | None,
     status: str,
+    rule: str | None,
+    where: str | None,
+    sort: str | None,
+    desc: bool,
     limit: int,
     show_personal: bool,
     extra_masked: Sequence[str],
     as_json: bool,
+    as_csv: bool,
 ) -> None:
-    """The escalation queue: why each entity needs a person, with its data.
+    """The escalation queue: why each entity needs a person, with its data, and the decisions.
 
     A failed workflow's escalation also shows its evidence: the step that failed, its error and
-    the outputs of the steps before it.
+    the outputs of the steps before it. Decided escalations show who decided, when, how and the
+    note. Decide with the subcommands (approve, reject, suppress, resolve), one by one or in bulk.
     """
+    ctx.ensure_object(dict)["ledger_url"] = ledger_url
+    if ctx.invoked_subcommand is not None:
+        return
+    if playbook is None:
+        raise click.UsageError("Missing option '--playbook' / '-p'.")
+    if as_json and as_csv:
+        fail("choose one of --json and --csv")
+    descending = desc
+    if sort is not None and sort.startswith("-"):
+        sort, descending = sort[1:], True
     ledger = open_ledger(ledger_url)
-    queue = ledger.escalations(
+    statuses = {"all": None, "decided": DECIDED_STATUSES}.get(status, (status,))
+    queue = ledger.select_escalations(
         playbook=playbook,
         partition_key=partition,
-        status=None if status == "all" else status,
+        rule=rule,
+        where=where,
+        statuses=statuses,
+        sort=sort or None,
+        descending=descending,
         limit=limit,
     )
     masked = () if show_personal else (*DEFAULT_PERSONAL_COLUMNS, *extra_masked)
+    approved = queue.loc[queue["status"] == APPROVED, "idempotency_key"].astype(str).tolist()
+    action_states = ledger.approved_action_states(approved) if approved else {}
     if as_json:
-        echo_json([_escalation_record(row, masked=masked) for row in queue.to_dict("records")])
+        echo_json(
+            [
+                _escalation_record(row, masked=masked, action_states=action_states)
+                for row in queue.to_dict("records")
+            ]
+        )
+        return
+    if as_csv:
+        click.echo(_escalations_csv(queue, masked=masked, action_states=action_states), nl=False)
         return
     if queue.empty:
         click.echo(
@@ -220,7 +285,9 @@ def escalations(
     view.insert(4, "status", queue["status"].astype(str))
     view["full_key"] = queue["idempotency_key"].astype(str).to_numpy()
     view["created"] = pd.to_datetime(queue["created_at"]).dt.strftime("%Y-%m-%d %H:%M")
-    for _, row in view.iterrows():
+    sources = queue.to_dict("records")
+    for position, (_, row) in enumerate(view.iterrows()):
+        source = sources[position]
         origin = f"rule {row['rule']}" if row["kind"] == "rule" else f"{row['kind']}"
         click.echo(
             f"{row['key']}  [{row['status']}]  {row['partition'] or '-'}  entity {row['entity_id']}"
@@ -229,6 +296,13 @@ def escalations(
         click.echo(f"    reason: {row['reason'] if show_personal else mask_emails(row['reason'])}")
         if row["data"]:
             click.echo(f"    data:   {row['data']}")
+        proposed = _text(source.get("proposed_action"))
+        if proposed:
+            state = action_states.get(row["full_key"])
+            click.echo(f"    proposes: {proposed}" + (f" (action {state})" if state else ""))
+        decided = _decision_line(source, masked=bool(masked))
+        if decided:
+            click.echo(f"    decided: {decided}")
         evidence = _evidence(queue.loc[queue["idempotency_key"] == row["full_key"], "data"])
         if evidence is not None:
             step, error, outputs = evidence
@@ -243,8 +317,74 @@ def escalations(
     click.echo(
         f"{shown} escalation(s) shown"
         + (f" (--limit {limit} reached)" if shown == limit else "")
-        + ". Resolve one with: autoexec resolve KEY --by NAME [--note TEXT]"
+        + ". Decide with: autoexec escalations approve|reject|suppress|resolve KEY --by NAME "
+        "(or autoexec resolve KEY --by NAME [--note TEXT])"
     )
+
+
+def _text(value: Any) -> str:
+    """A ledger text value, or "" for null (pandas reads NULL as None or NaN)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    return str(value)
+
+
+def _decision_line(row: Mapping[Any, Any], *, masked: bool) -> str:
+    """``approved by ana via cli at 2026-12-01 10:00 UTC: note`` for a decided escalation."""
+    if str(row.get("status")) == "open":
+        return ""
+    who = _text(row.get("resolved_by"))
+    via = _text(row.get("decided_via"))
+    when = aware(row.get("resolved_at"))
+    note = _text(row.get("resolution"))
+    return (
+        str(row.get("status"))
+        + (f" by {who}" if who else "")
+        + (f" via {via}" if via else "")
+        + (f" at {when:%Y-%m-%d %H:%M} UTC" if when is not None else "")
+        + (f": {mask_emails(note) if masked else note}" if note else "")
+    )
+
+
+def _escalations_csv(
+    queue: pd.DataFrame, *, masked: Sequence[str], action_states: Mapping[str, str]
+) -> str:
+    """The queue as CSV: ledger columns, then one column per entity data field (masked)."""
+    data = entity_frame(queue["data"].tolist())
+    data = data.drop(
+        columns=[c for c in data.columns if c in ("entity_id", "evidence", "outputs")],
+        errors="ignore",
+    )
+    for column in data.columns:
+        if is_personal(str(column), masked):
+            data[column] = [mask_value(v) for v in data[column]]
+    keys = queue["idempotency_key"].astype(str)
+    out = pd.DataFrame(
+        {
+            "key": keys,
+            "status": queue["status"].astype(str),
+            "playbook": queue["playbook"].astype(str),
+            "partition": queue["partition_key"].astype(str),
+            "entity_id": queue["entity_id"].astype(str),
+            "kind": queue["kind"].astype(str),
+            "rule": queue["rule"].astype(str),
+            "reason": [mask_emails(str(r)) if masked else str(r) for r in queue["reason"]],
+            "proposed_action": [_text(v) for v in queue["proposed_action"]],
+            "action_state": [action_states.get(k, "") for k in keys],
+            "created_at": [_iso(v) for v in queue["created_at"]],
+            "decided_by": [_text(v) for v in queue["resolved_by"]],
+            "decided_at": [_iso(v) for v in queue["resolved_at"]],
+            "decided_via": [_text(v) for v in queue["decided_via"]],
+            "note": [mask_emails(_text(v)) if masked else _text(v) for v in queue["resolution"]],
+        }
+    )
+    data.columns = [f"data.{c}" if c in out.columns else str(c) for c in data.columns]
+    return pd.concat([out, data.reset_index(drop=True)], axis=1).to_csv(index=False)
+
+
+def _iso(value: Any) -> str:
+    when = aware(value)
+    return when.isoformat() if when is not None else ""
 
 
 def _evidence(raw: pd.Series) -> tuple[str, str, Any] | None:
@@ -261,8 +401,14 @@ def _evidence(raw: pd.Series) -> tuple[str, str, Any] | None:
     return step, error, data.get("outputs")
 
 
-def _escalation_record(row: Mapping[Any, Any], *, masked: Sequence[str]) -> dict[str, Any]:
+def _escalation_record(
+    row: Mapping[Any, Any],
+    *,
+    masked: Sequence[str],
+    action_states: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     frame = escalations_frame(pd.DataFrame([dict(row)]), personal_columns=masked)
+    note = _text(row.get("resolution")) or None
     record: dict[str, Any] = {
         "key": row["idempotency_key"],
         "status": row["status"],
@@ -277,7 +423,15 @@ def _escalation_record(row: Mapping[Any, Any], *, masked: Sequence[str]) -> dict
         "resolved_at": row.get("resolved_at"),
         "resolved_by": row.get("resolved_by"),
         "resolution": row.get("resolution"),
+        "proposed_action": _text(row.get("proposed_action")) or None,
+        "decided_by": _text(row.get("resolved_by")) or None,
+        "decided_at": row.get("resolved_at"),
+        "decided_via": _text(row.get("decided_via")) or None,
+        "note": (mask_emails(note) if masked and note else note),
     }
+    if action_states is not None and row["status"] == APPROVED:
+        record["action_key"] = approved_action_key(str(row["idempotency_key"]))
+        record["action_state"] = action_states.get(str(row["idempotency_key"]))
     evidence = _evidence(pd.Series([row["data"]]))
     if evidence is not None:
         step, error, outputs = evidence
@@ -326,23 +480,27 @@ def resolve(ledger_url: str | None, key: str, by: str, note: str) -> None:
     """Close the open escalation KEY (its full key, or a unique prefix of 6+ characters)."""
     ledger = open_ledger(ledger_url)
     full = _match_key(ledger, key)
-    queue = ledger.escalations(status="open")
-    row = queue[queue["idempotency_key"].astype(str) == full]
-    if not ledger.resolve_escalation(full, by=by, resolution=note):
-        fail(f"no open escalation with key {full!r} (already resolved, or a typo?)")
-    click.echo(f"Resolved {full} (by {by}).")
-    if not row.empty:
-        click.echo(
-            observe_escalations(
-                ledger,
-                playbook=str(row["playbook"].iloc[0]),
-                partition_key=str(row["partition_key"].iloc[0]),
-                by=by,
-            )
+    try:
+        (decided,) = ledger.resolve_escalations([full], by=by, note=note, via="cli")
+    except EscalationError as exc:
+        fail(f"no open escalation with key {full!r} ({exc})")
+    click.echo(f"Resolved {full} (by {decided.decided_by}).")
+    click.echo(
+        observe_escalations(
+            ledger, playbook=decided.playbook, partition_key=decided.partition_key, by=by
         )
+    )
 
 
-def observe_escalations(ledger: ActionLedger, *, playbook: str, partition_key: str, by: str) -> str:
+def observe_escalations(
+    ledger: ActionLedger,
+    *,
+    playbook: str,
+    partition_key: str,
+    by: str,
+    what: str = "resolved one",
+    source: str = "autoexec resolve",
+) -> str:
     """Record the partition's current queue on the Dagster instance, as a runless observation.
 
     The ``<playbook>/escalations`` asset was materialized by the last run; once a person works
@@ -354,6 +512,8 @@ def observe_escalations(ledger: ActionLedger, *, playbook: str, partition_key: s
         playbook: The playbook whose queue changed.
         partition_key: The partition ("" when unpartitioned).
         by: Who changed it.
+        what: What they did, for the observation's description ("approved 3").
+        source: The command that changed it.
 
     Returns:
         One line for the person: what was recorded, or why nothing was.
@@ -375,7 +535,7 @@ def observe_escalations(ledger: ActionLedger, *, playbook: str, partition_key: s
         "open": open_now,
         **{f"open_{kind}": n for kind, n in sorted(by_kind.items())},
         "changed_by": by,
-        "source": "autoexec resolve",
+        "source": source,
     }
     try:
         with dg.DagsterInstance.get() as instance:
@@ -384,7 +544,7 @@ def observe_escalations(ledger: ActionLedger, *, playbook: str, partition_key: s
                     asset_key=dg.AssetKey([playbook, "escalations"]),
                     partition=partition_key or None,
                     metadata=metadata,
-                    description=f"{open_now:,} escalation(s) open after {by} resolved one",
+                    description=f"{open_now:,} escalation(s) open after {by} {what}",
                 )
             )
     except Exception as exc:  # the ledger is the record; the UI note is a courtesy
