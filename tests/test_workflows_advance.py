@@ -479,3 +479,44 @@ def test_a_crash_between_recording_and_starting_loses_no_workflow(tmp_path):
     routed = int((plan["decision"].astype(str) == "workflow").sum())
     assert again.workflows_started == routed
     assert len(ledger.instances(playbook="host_remediation")) == routed
+
+
+def test_a_step_channel_reading_a_column_the_plan_lacks_is_refused_before_anything_starts(
+    tmp_path,
+):
+    import sqlite3
+
+    from autoexec_dagster import SqlQueryChannel
+
+    database = tmp_path / "catalogue.db"
+    with sqlite3.connect(database) as conn:
+        conn.execute("CREATE TABLE suppliers (sku TEXT, supplier TEXT)")
+    playbook = Playbook(
+        name="stock",
+        entity_key="sku",
+        rules=[Rule(name="short", when="shortfall > 0", workflow="replenish")],
+        workflows={"replenish": Workflow(steps=[Step(name="quotes", action="supplier_quotes")])},
+        guardrails=Guardrails(max_flagged_fraction=1.0),
+    )
+    channels = {
+        "supplier_quotes": SqlQueryChannel(
+            url=f"sqlite:///{database}",
+            query="SELECT supplier FROM suppliers WHERE sku = :sku AND region = :region",
+            params={"sku": "sku", "region": "warehouse_region"},
+        )
+    }
+    ledger = ActionLedger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    frame = pd.DataFrame({"sku": ["a", "b"], "shortfall": [3, 1]})
+    with pytest.raises(
+        PlanError,
+        match=r"step 'quotes': SqlQueryChannel 'supplier_quotes' reads column\(s\) "
+        r"\['warehouse_region'\]",
+    ):
+        execute_plan(
+            route(frame, playbook, partition_key="2026-12-01"),
+            playbook=playbook,
+            ledger=ledger,
+            channels=channels,
+        )
+    assert ledger.instances(playbook="stock").empty
+    assert ledger.entity_history("a", playbook="stock")["actions"].empty

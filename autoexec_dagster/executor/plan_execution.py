@@ -43,6 +43,7 @@ from autoexec_dagster.workflows.advance import (
     WorkflowReport,
     advance_workflows_async,
     check_workflow_channels,
+    check_workflow_columns,
 )
 
 __all__ = ["Progress", "escalate_batch", "execute_plan", "execute_plan_async"]
@@ -228,6 +229,7 @@ def _prepare(
 
     _check_channels(keyed, act_positions, channels)
     check_workflow_channels(playbook, channels)
+    check_workflow_columns(playbook, channels, keyed)
 
     paused = ledger.pause_reason(playbook.name)
     if paused:

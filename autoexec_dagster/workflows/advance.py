@@ -198,6 +198,48 @@ def check_workflow_channels(playbook: Playbook, channels: Mapping[str, Channel])
         )
 
 
+# What a step's request carries besides the entity's insight columns (see _Advancer._reserve).
+STEP_REQUEST_FIELDS = frozenset({"entity_id", "workflow", "step", "attempt", "steps"})
+
+
+def check_workflow_columns(
+    playbook: Playbook, channels: Mapping[str, Channel], plan: pd.DataFrame
+) -> None:
+    """Every column a step's channel reads is in the plan rows that start its workflow.
+
+    Checked before a workflow starts, so a step channel reading a column the insight lacks is
+    refused with nothing recorded, instead of failing (and escalating) every instance at that
+    step later. Approval notifications are left out: the gate builds their rows itself.
+
+    Raises:
+        PlanError: Naming the workflow, the step, its channel and the missing columns.
+    """
+    if plan.empty or "decision" not in plan.columns:
+        return
+    workflow_rows = plan["decision"].astype(str) == "workflow"
+    if not workflow_rows.any():
+        return
+    started = set(plan.loc[workflow_rows, "rule"].astype(str))
+    available = set(map(str, plan.columns)) | STEP_REQUEST_FIELDS
+    problems = []
+    for rule in playbook.rules:
+        if rule.name not in started or rule.workflow is None:
+            continue
+        workflow = playbook.workflows[rule.workflow]
+        for step in [*workflow.steps, *workflow.on_failure_steps]:
+            channel = channels.get(step.action) if step.action is not None else None
+            if channel is None:
+                continue
+            missing = sorted(channel.required_columns() - available)
+            if missing:
+                problems.append(
+                    f"workflow {rule.workflow!r} step {step.name!r}: {type(channel).__name__} "
+                    f"{step.action!r} reads column(s) {missing}, which the plan does not have"
+                )
+    if problems:
+        raise PlanError("; ".join(problems) + f" (plan columns: {sorted(map(str, plan.columns))})")
+
+
 class _Advancer:
     """Moves claimed instances step by step, one round per step, and saves them."""
 
