@@ -4,10 +4,11 @@ Model outputs become completed, recorded work: a playbook routes each flagged en
 action, a person or a holdout; channels execute the actions; the action ledger records all of it.
 """
 
+from autoexec_dagster.approvals.links import ApprovalLinks
+from autoexec_dagster.backtest import BacktestReport, backtest
 from autoexec_dagster.channels.base import ActionRequest, Channel, Delivered, Sender
 from autoexec_dagster.channels.email import EmailChannel
 from autoexec_dagster.channels.python import PythonChannel
-from autoexec_dagster.approvals.links import ApprovalLinks
 from autoexec_dagster.channels.sql import SqlChannel
 from autoexec_dagster.channels.sql_query import SqlQueryChannel
 from autoexec_dagster.channels.webhook import WebhookChannel, verify_signature
@@ -46,6 +47,7 @@ __all__ = [
     "ApprovalError",
     "ApprovalLinks",
     "AutoexecError",
+    "BacktestReport",
     "Channel",
     "ChannelConfigError",
     "ChannelError",
@@ -74,6 +76,7 @@ __all__ = [
     "WorkflowReport",
     "__version__",
     "advance_workflows",
+    "backtest",
     "advance_workflows_async",
     "build_execution_defs",
     "execute_plan",
