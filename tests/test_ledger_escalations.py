@@ -476,3 +476,31 @@ def test_a_filter_that_cannot_be_used_is_refused(
 def test_sorting_by_an_unknown_column_is_refused(sqlite_ledger: ActionLedger) -> None:
     with pytest.raises(EscalationError, match="cannot sort by 'wealth': it is neither"):
         sqlite_ledger.select_escalations(playbook=PLAYBOOK, sort="wealth")
+
+
+def test_due_batches_name_their_oldest_and_newest_approval(
+    ledger: ActionLedger, clock: Clock, recorder: Recorder
+) -> None:
+    execute_partition(ledger, "p2", channels=recorder.channels(), seed=8)
+    p1 = ledger.select_escalations(playbook=PLAYBOOK, partition_key="p1", rule="vip_at_risk")
+    p2 = ledger.select_escalations(playbook=PLAYBOOK, partition_key="p2", rule="vip_at_risk")
+    first = clock.now
+    ledger.approve_escalations(list(p1["idempotency_key"][:2]), by="ana")
+    clock.advance(timedelta(minutes=5))
+    ledger.approve_escalations(
+        [p1["idempotency_key"].iloc[2], p2["idempotency_key"].iloc[0]], by="bob"
+    )
+
+    batches = ledger.escalation_action_batches(playbook=PLAYBOOK)
+
+    assert [(b.partition_key, b.count, b.oldest, b.newest) for b in batches] == [
+        ("p1", 3, first, clock.now),
+        ("p2", 1, clock.now, clock.now),
+    ]
+    assert ledger.escalation_actions_due(playbook=PLAYBOOK) == [("p1", 3), ("p2", 1)]
+    # A live worker's claim is not due (its run delivers it); an expired one is.
+    p2_action = approved_action_key(str(p2["idempotency_key"].iloc[0]))
+    ledger.claim([p2_action], worker="live-worker", lease_seconds=600, run_id=None)
+    assert ledger.escalation_actions_due(playbook=PLAYBOOK) == [("p1", 3)]
+    ledger.heartbeat(worker="live-worker", lease_seconds=-1)
+    assert ledger.escalation_actions_due(playbook=PLAYBOOK) == [("p1", 3), ("p2", 1)]

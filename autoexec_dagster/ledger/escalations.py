@@ -169,6 +169,23 @@ class EscalationDecision:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class DueApprovedActions:
+    """Approved proposed actions of one partition that a run should deliver now.
+
+    Attributes:
+        partition_key: The partition.
+        count: How many.
+        oldest: When the earliest of them was approved.
+        newest: When the latest of them was approved.
+    """
+
+    partition_key: str
+    count: int
+    oldest: datetime
+    newest: datetime
+
+
 def aware(value: Any) -> datetime | None:
     """A stored time as an aware UTC datetime (SQLite returns it without its offset)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -840,13 +857,25 @@ class Escalations(LedgerBase):
         Returns:
             ``(partition_key, count)`` per partition with due work, sorted by partition.
         """
+        return [
+            (b.partition_key, b.count) for b in self.escalation_action_batches(playbook=playbook)
+        ]
+
+    def escalation_action_batches(self, *, playbook: str) -> list["DueApprovedActions"]:
+        """What :meth:`escalation_actions_due` counts, with the oldest and newest approval of
+        each partition's due batch (for a sensor's run key: a new approval makes a new batch)."""
         t = schema.actions
         due = sa.or_(
             t.c.state.in_([RESERVED, IN_DOUBT]),
             sa.and_(t.c.state == SENDING, t.c.lease_expires_at < time.time()),
         )
         query = (
-            sa.select(t.c.partition_key, sa.func.count())
+            sa.select(
+                t.c.partition_key,
+                sa.func.count(),
+                sa.func.min(t.c.created_at),
+                sa.func.max(t.c.created_at),
+            )
             .where(
                 t.c.state.in_(list(_PENDING_OUTBOX)),
                 t.c.playbook == playbook,
@@ -857,7 +886,17 @@ class Escalations(LedgerBase):
             .order_by(t.c.partition_key)
         )
         with self._read("list partitions with approved actions due") as conn:
-            return [(str(p), int(n)) for p, n in conn.execute(query)]
+            rows = conn.execute(query).all()
+        batches = []
+        for partition, n, oldest, newest in rows:
+            first, last = aware(oldest), aware(newest)
+            assert first is not None and last is not None
+            batches.append(
+                DueApprovedActions(
+                    partition_key=str(partition), count=int(n), oldest=first, newest=last
+                )
+            )
+        return batches
 
     def approved_action_rows(
         self, keys: Sequence[str], *, states: Iterable[str] = (RESERVED,)
