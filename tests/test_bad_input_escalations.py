@@ -291,3 +291,13 @@ def test_the_command_line_refuses_bad_input_and_writes_nothing(
     assert "Traceback" not in result.output
     assert re.search(message, result.output), (case, result.output)
     assert snapshot(ledger) == before, case
+
+
+def test_a_key_prefix_with_like_wildcards_names_no_escalation(ledger: ActionLedger) -> None:
+    before = snapshot(ledger)
+
+    result = _run(ledger, ["escalations", "resolve", "%%%%%%", "_" * 8, "--by", "ana"], {})
+
+    assert result.exit_code == 2 and "no escalation has a key starting with" in result.output
+    assert ledger.match_escalation_keys(["%%%%%%", "______"]) == {"%%%%%%": [], "______": []}
+    assert snapshot(ledger) == before

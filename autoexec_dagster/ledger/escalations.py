@@ -808,7 +808,8 @@ class Escalations(LedgerBase):
         found: dict[str, list[str]] = {}
         with self._read("find escalation keys") as conn:
             for prefix in dict.fromkeys(prefixes):
-                if not re.fullmatch(r"[0-9A-Za-z:_-]+", prefix):
+                # Keys are hex (or dry:hex); anything else, LIKE's wildcards included, names none.
+                if not re.fullmatch(r"[0-9A-Za-z:-]+", prefix):
                     found[prefix] = []
                     continue
                 query = (
