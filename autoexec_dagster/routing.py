@@ -220,13 +220,18 @@ def _rule_label(rule: Rule) -> str:
     """The action part of the keys a rule's decisions get (a workflow's is its instance id)."""
     if rule.workflow is not None:
         return workflow_label(rule.workflow)
+    if rule.escalate is not None:
+        # The case is the escalation, whatever action it proposes: adding or changing a
+        # proposed action must not re-open every case under a new key.
+        return key_label(None, "escalate", rule.name)
     return key_label(rule.action, rule.decision, rule.name)
 
 
 def _key_actions(plan: pd.DataFrame, playbook: Playbook) -> list[str]:
     action = plan["action"].astype(object)
     fallback = plan["decision"].astype(str) + ":" + plan["rule"].astype(str)
-    labels = action.where(action.notna(), fallback).astype(str)
+    escalations = plan["decision"].astype(str) == "escalate"
+    labels = action.where(action.notna() & ~escalations, fallback).astype(str)
     starts = {r.name: workflow_label(r.workflow) for r in playbook.rules if r.workflow}
     if starts:
         workflow_rows = plan["decision"].astype(str) == "workflow"

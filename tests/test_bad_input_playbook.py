@@ -160,8 +160,8 @@ CASES: list[tuple[str, str, str]] = [
     ("duplicate rule names", VALID.replace("name: watch", "name: at_risk"), "used twice"),
     # Outcomes.
     (
-        "action and escalate",
-        VALID.replace("action: retention_email", "action: retention_email\n    escalate: call"),
+        "action and skip",
+        VALID.replace("action: retention_email", "action: retention_email\n    skip: true"),
         "exactly one",
     ),
     ("no outcome", "name: a\nentity_key: id\nrules: [{name: r, when: x > 1}]\n", "exactly one"),

@@ -245,9 +245,6 @@ def test_defect_11_an_open_escalation_is_not_reopened_every_day(sqlite_url):
 # -- issue 8 review: work-queue and approval rows must not change what a partition counts ---
 
 
-@pytest.mark.xfail(
-    strict=True, reason="an escalation's key changes when its rule proposes an action"
-)
 def test_an_escalation_keeps_its_key_when_its_rule_gains_a_proposed_action(tmp_path):
     from autoexec_dagster.playbook import Playbook, Rule
     from autoexec_dagster.routing import route
@@ -278,7 +275,6 @@ def test_an_escalation_keeps_its_key_when_its_rule_gains_a_proposed_action(tmp_p
     )
 
 
-@pytest.mark.xfail(strict=True, reason="approved escalation actions are counted as new entities")
 def test_an_approved_proposal_does_not_change_the_partitions_entity_counts(tmp_path):
     from autoexec_dagster.executor.escalation_actions import deliver_approved_escalations
     from autoexec_dagster.ledger.action_ledger import ActionLedger
@@ -308,7 +304,6 @@ def test_an_approved_proposal_does_not_change_the_partitions_entity_counts(tmp_p
     assert after.approved_actions == 3
 
 
-@pytest.mark.xfail(strict=True, reason="approver notifications are counted as flagged entities")
 def test_approver_notifications_do_not_count_as_flagged_entities(tmp_path):
     from autoexec_dagster.ledger.action_ledger import ActionLedger
     from tests.test_workflows_approvals import (

@@ -58,9 +58,12 @@ def test_rule_needs_exactly_one_outcome():
     with pytest.raises(
         ValueError, match="exactly one of 'action', 'workflow', 'escalate' or 'skip'"
     ):
-        Rule(name="r", when="x > 1", action="a", escalate="b")
+        Rule(name="r", when="x > 1", action="a", skip=True)
     with pytest.raises(ValueError, match="exactly one"):
         Rule(name="r", when="x > 1")
+    # An escalation may carry the action a person can approve.
+    proposing = Rule(name="r", when="x > 1", action="a", escalate="b")
+    assert proposing.decision == "escalate" and proposing.action == "a"
 
 
 def test_duplicate_rule_names_and_bad_names():

@@ -563,6 +563,10 @@ class PartitionOutcome:
         workflows_succeeded: Of those, instances that finished every step (autonomous).
         workflows_active: Instances still running, waiting or failing (not decided yet).
         workflow_steps: Step attempts recorded (not entities: kept out of the totals).
+        notifications: Approver notifications recorded (not entities either).
+        approved_actions: Proposed actions people approved from the escalation queue (the
+            entity is counted once, by its escalation).
+        approved_actions_succeeded: Of those, delivered.
     """
 
     playbook: str
@@ -586,12 +590,25 @@ class PartitionOutcome:
     workflows_succeeded: int = 0
     workflows_active: int = 0
     workflow_steps: int = 0
+    notifications: int = 0
+    approved_actions: int = 0
+    approved_actions_succeeded: int = 0
 
     def add(self, decision: str, action: str | None, state: str, kind: str, n: int) -> None:
         """Count ``n`` ledger rows of one (decision, action, state, detail kind)."""
         if decision == "step":
             # A workflow's step attempt: the entity is counted once, by its workflow row.
             self.workflow_steps += n
+            return
+        if decision == "notify":
+            self.notifications += n
+            return
+        if decision == "approved":
+            # An escalation's proposed action a person approved: the entity is counted once,
+            # by its escalation row.
+            self.approved_actions += n
+            if state == schema.SUCCEEDED:
+                self.approved_actions_succeeded += n
             return
         self.total += n
         if decision == "workflow" and state == schema.WORKFLOW:
@@ -672,6 +689,9 @@ class PartitionOutcome:
             "workflows_succeeded": self.workflows_succeeded,
             "workflows_active": self.workflows_active,
             "workflow_steps": self.workflow_steps,
+            "notifications": self.notifications,
+            "approved_actions": self.approved_actions,
+            "approved_actions_succeeded": self.approved_actions_succeeded,
         }
 
 
