@@ -421,3 +421,8 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
         message = error["msg"].removeprefix("Value error, ")
         problems.append(f"  - {location}: {message}")
     return f"{source} is invalid:\n" + "\n".join(problems)
+
+
+def proposes_actions(playbook: Playbook) -> bool:
+    """Whether a rule escalates with an action a person can approve."""
+    return any(rule.escalate is not None and rule.action is not None for rule in playbook.rules)

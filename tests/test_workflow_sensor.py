@@ -333,3 +333,46 @@ def test_the_ledger_clock_can_come_from_a_file_shared_by_every_process(tmp_path:
         ledger.clock()
     with pytest.raises(LedgerError, match="keeps its own clock"):
         LedgerHandle(ledger, clock=FileClock(path))
+
+
+def test_an_approved_escalation_wakes_its_partition_and_its_run_delivers_it_once(
+    tmp_path: Path,
+) -> None:
+    from tests.conftest import churn_scores
+    from tests.test_execution_assets import make_project
+    from tests.test_ledger_escalations import PLAYBOOK as CHURN
+    from tests.test_ledger_escalations import Recorder, proposing_playbook
+
+    recorder = Recorder()
+    project = make_project(
+        tmp_path,
+        {"p1": churn_scores(300, seed=7)},
+        playbook=proposing_playbook(),
+        channels=recorder.channels(),
+    )
+    project.materialize_insight("p1")
+    job = project.defs.resolve_job_def(f"{CHURN}_execution_job")
+    assert job.execute_in_process(partition_key="p1", instance=project.instance).success
+    sensor = project.defs.resolve_sensor_def(f"{CHURN}_approved_actions_sensor")
+
+    def tick() -> dg.SensorResult:
+        context = dg.build_sensor_context(instance=project.instance, definitions=project.defs)
+        result = sensor(context)
+        assert isinstance(result, dg.SensorResult)
+        return result
+
+    assert not tick().run_requests  # nothing approved yet
+    queue = project.ledger.select_escalations(playbook=CHURN, rule="vip_at_risk")
+    keys = queue["idempotency_key"].tolist()[:2]
+    project.ledger.approve_escalations(keys, by="ana", via="cli")
+    (request,) = tick().run_requests or []
+    assert request.partition_key == "p1" and ":approved:p1:" in str(request.run_key)
+    sent_before = len(recorder.keys)
+    run = job.execute_in_process(partition_key="p1", instance=project.instance, tags=request.tags)
+    assert run.success
+    assert len(recorder.keys) == sent_before + 2  # the two approved CRM tasks, once each
+    assert project.ledger.escalation_actions_due(playbook=CHURN) == []
+    assert not tick().run_requests
+    # The partition's entity counts do not change because people approved two proposals.
+    actions = materializations(run)[f"{CHURN}/actions"]
+    assert actions["total"] == 300

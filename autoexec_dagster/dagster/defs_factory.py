@@ -55,7 +55,7 @@ from autoexec_dagster.dagster.metadata import PREVIEW_ROWS
 from autoexec_dagster.dagster.workflow_sensor import build_workflow_sensor
 from autoexec_dagster.errors import ChannelConfigError, PlaybookError
 from autoexec_dagster.ledger.action_ledger import ActionLedger
-from autoexec_dagster.playbook import Playbook
+from autoexec_dagster.playbook import Playbook, proposes_actions
 
 InsightRef = dg.AssetKey | str | Sequence[str] | dg.AssetsDefinition | dg.AssetSpec
 
@@ -360,7 +360,7 @@ def build_execution_defs(
         flagged_metadata_key=flagged_metadata_key,
     )
     sensors = [sensor]
-    if book.workflows:
+    if book.workflows or proposes_actions(book):
         sensors.append(
             build_workflow_sensor(
                 setup=setup,

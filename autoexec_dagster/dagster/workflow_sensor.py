@@ -13,6 +13,11 @@ time names the next batch. Partitions with a run of the job in flight are left t
 run that failed without moving its batch would leave the same run key forever, so the batch is
 requested again with a retry suffix, at most :data:`MAX_RETRIES` times.
 
+The same sensor wakes partitions whose escalations a person approved: approved proposed actions
+wait in the outbox until a run of their partition delivers them, and an approval is a batch of its
+own (``<playbook>:approved:<partition>:<latest approval>``). A playbook whose rules propose
+actions but that has no workflows gets the sensor as ``<playbook>_approved_actions_sensor``.
+
 Like the insight sensor it never acts, and it skips with who paused and why while the playbook is
 paused.
 """
@@ -25,6 +30,8 @@ import dagster as dg
 
 from autoexec_dagster.dagster.execution_assets import ExecutionSetup
 from autoexec_dagster.errors import AutoexecError
+from autoexec_dagster.ledger.action_ledger import ActionLedger
+from autoexec_dagster.playbook import Playbook, proposes_actions
 
 WORKFLOW_BATCH_TAG = "autoexec/workflow_batch"
 TRIGGER_TAG = "autoexec/trigger"
@@ -50,6 +57,34 @@ _IN_FLIGHT = [
 def workflow_sensor_name(playbook: str) -> str:
     """``<playbook>_workflows_sensor``."""
     return f"{playbook}_workflows_sensor"
+
+
+def due_work_sensor_name(playbook: Playbook) -> str:
+    """The sensor's name: ``<playbook>_workflows_sensor``, or, for a playbook without workflows
+    whose escalations propose actions, ``<playbook>_approved_actions_sensor``."""
+    if playbook.workflows:
+        return workflow_sensor_name(playbook.name)
+    return f"{playbook.name}_approved_actions_sensor"
+
+
+def _due_work(book: ActionLedger, playbook: Playbook) -> list[tuple[str, int, str]]:
+    """``(partition, count, batch)`` per partition with due workflow work or approved actions."""
+    found: dict[str, tuple[int, list[str]]] = {}
+    if playbook.workflows:
+        for partition, count, earliest in book.due_partitions(playbook=playbook.name):
+            batch = due_batch(
+                playbook=playbook.name, partition_key=partition, earliest_due=earliest
+            )
+            found[partition] = (count, [batch])
+    if proposes_actions(playbook):
+        for due in book.escalation_action_batches(playbook=playbook.name):
+            batch = (
+                f"{playbook.name}:approved:{due.partition_key or '-'}:"
+                f"{as_utc(due.newest).isoformat()}"
+            )
+            count, batches = found.get(due.partition_key, (0, []))
+            found[due.partition_key] = (count + due.count, [*batches, batch])
+    return [(p, n, "+".join(b)) for p, (n, b) in sorted(found.items())]
 
 
 def as_utc(moment: datetime) -> datetime:
@@ -106,19 +141,20 @@ def build_workflow_sensor(
         return {run.tags.get("dagster/partition", "") for run in runs}
 
     @dg.sensor(
-        name=workflow_sensor_name(name),
+        name=due_work_sensor_name(playbook),
         job=job,
         default_status=default_status,
         minimum_interval_seconds=minimum_interval_seconds,
         description=f"Requests one {job.name} run per partition whose workflow instances of "
-        f"playbook {name!r} are due (a wait or a poll interval passed); the run advances them. "
-        "Skips, with who paused and why, while the playbook is paused. Never acts itself.",
+        f"playbook {name!r} are due (a wait or a poll interval passed, a decision arrived) or "
+        "whose escalations a person approved; the run advances or delivers them. Skips, with "
+        "who paused and why, while the playbook is paused. Never acts itself.",
     )
     def _sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         try:
             book = setup.ledger.get()
             paused = book.pause_state(name)
-            due = [] if paused is not None else book.due_partitions(playbook=name)
+            due = [] if paused is not None else _due_work(book, playbook)
         except AutoexecError as exc:
             return dg.SensorResult(skip_reason=f"{name}: cannot read the action ledger ({exc})")
         if paused is not None:
@@ -129,23 +165,24 @@ def build_workflow_sensor(
                 f"workflows are not advanced (`autoexec resume --playbook {name}` lifts it)"
             )
         if not due:
-            upcoming = book.next_due(playbook=name)
+            upcoming = book.next_due(playbook=name) if playbook.workflows else None
             when = (
                 f"next due at {as_utc(upcoming).isoformat()}"
                 if upcoming is not None
                 else "no workflow instance is active"
             )
-            return dg.SensorResult(skip_reason=f"{name}: no workflow work is due; {when}")
+            return dg.SensorResult(
+                skip_reason=f"{name}: no workflow work or approved action is due; {when}"
+            )
         busy = in_flight_partitions(context)
         failures = failures_by_batch(context)
         requests: list[dg.RunRequest] = []
         waiting_on_runs: list[str] = []
         given_up: list[str] = []
-        for partition, count, earliest in due:
+        for partition, count, batch in due:
             if partition in busy:
                 waiting_on_runs.append(partition or "-")
                 continue
-            batch = due_batch(playbook=name, partition_key=partition, earliest_due=earliest)
             retries = failures.get(batch, 0)
             if retries > max_retries:
                 given_up.append(partition or "-")

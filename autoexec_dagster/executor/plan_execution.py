@@ -28,6 +28,7 @@ from autoexec_dagster.approvals.links import ApprovalLinks
 from autoexec_dagster.channels.base import Channel
 from autoexec_dagster.errors import PlanError
 from autoexec_dagster.executor.delivery import DeliveryEngine, Progress
+from autoexec_dagster.executor.escalation_actions import deliver_approved_escalations_async
 from autoexec_dagster.executor.guardrails import (
     cooldown_lookup,
     escalate_batch,
@@ -37,7 +38,7 @@ from autoexec_dagster.executor.outside_loop import run_outside_loop
 from autoexec_dagster.executor.recording import entity_data, record_plan
 from autoexec_dagster.executor.report import ExecutionReport
 from autoexec_dagster.ledger.action_ledger import ActionLedger
-from autoexec_dagster.playbook import Playbook
+from autoexec_dagster.playbook import Playbook, proposes_actions
 from autoexec_dagster.routing import PLAN_ATTRS, rekey
 from autoexec_dagster.workflows.advance import (
     WorkflowReport,
@@ -168,6 +169,17 @@ async def execute_plan_async(
             log=out,
         )
         await engine.run(to_send)
+    if proposes_actions(playbook) and not report.dry_run and not report.paused_reason:
+        # Proposed actions people approved from the escalation queue since the last run.
+        report.approved_actions = await deliver_approved_escalations_async(
+            playbook=playbook,
+            ledger=ledger,
+            channels=channels,
+            partition_key=report.partition_key,
+            run_id=run_id,
+            lease_seconds=lease_seconds,
+            log=out,
+        )
     if playbook.workflows and not report.dry_run and not report.blocked_reason:
         # Take the workflows this partition started (and any due ones) as far as they go now.
         report.workflows = await advance_workflows_async(

@@ -30,6 +30,8 @@ class ExecutionReport:
         dry_run_workflows: Workflow starts recorded as "would have started" in dry-run mode.
         workflows: The :class:`~autoexec_dagster.workflows.advance.WorkflowReport` of the
             workflows this call advanced, or None when the playbook has none.
+        approved_actions: The report of delivering the partition's proposed actions that people
+            approved from the escalation queue, or None when no rule proposes one.
         still_open_escalations: Entities a rule escalates whose escalation by that rule is still
             open from an earlier partition (not opened again), counted by that partition.
         earlier_versions: When earlier runs of this partition used other playbook versions: the
@@ -67,6 +69,7 @@ class ExecutionReport:
     workflows_started: int = 0
     dry_run_workflows: int = 0
     workflows: Any = None
+    approved_actions: Any = None
     still_open_escalations: dict[str, int] = field(default_factory=dict)
     earlier_versions: dict[str, int] = field(default_factory=dict)
     held_out: int = 0
