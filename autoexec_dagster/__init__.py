@@ -21,12 +21,17 @@ from autoexec_dagster.errors import (
     AutoexecError,
     ChannelConfigError,
     ChannelError,
+    EscalationError,
     InsightValidationError,
     LedgerError,
     PermanentChannelError,
     PlanError,
     PlaybookError,
     TransientChannelError,
+)
+from autoexec_dagster.executor.escalation_actions import (
+    deliver_approved_escalations,
+    deliver_approved_escalations_async,
 )
 from autoexec_dagster.executor.plan_execution import Progress, execute_plan, execute_plan_async
 from autoexec_dagster.executor.report import ExecutionReport
@@ -53,6 +58,7 @@ __all__ = [
     "ChannelError",
     "Delivered",
     "EmailChannel",
+    "EscalationError",
     "ExecuteFn",
     "ExecutionComponent",
     "ExecutionReport",
@@ -76,9 +82,11 @@ __all__ = [
     "WorkflowReport",
     "__version__",
     "advance_workflows",
-    "backtest",
     "advance_workflows_async",
+    "backtest",
     "build_execution_defs",
+    "deliver_approved_escalations",
+    "deliver_approved_escalations_async",
     "execute_plan",
     "execute_plan_async",
     "flagged_metadata",

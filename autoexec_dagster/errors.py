@@ -33,6 +33,12 @@ class ApprovalError(AutoexecError, ValueError):
     """
 
 
+class EscalationError(AutoexecError, ValueError):
+    """A decision on escalations cannot be applied: an unknown key, an escalation that is no
+    longer open, one without a proposed action to approve, a decider who may not decide, a missing
+    note, or a filter or sort column that cannot be used. Nothing is written when it is raised."""
+
+
 class LedgerError(AutoexecError):
     """The action ledger cannot be opened, migrated or written."""
 

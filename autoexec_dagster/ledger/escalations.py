@@ -31,7 +31,7 @@ from typing import Any
 import pandas as pd
 import sqlalchemy as sa
 
-from autoexec_dagster.errors import AutoexecError, PlaybookError
+from autoexec_dagster.errors import EscalationError, PlaybookError
 from autoexec_dagster.expressions import parse_expression
 from autoexec_dagster.keys import SEP
 from autoexec_dagster.ledger import payload, schema
@@ -74,12 +74,6 @@ _MAX_DECIDER = 200
 _SHOWN_PROBLEMS = 10
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _PENDING_OUTBOX = (RESERVED, IN_DOUBT, SENDING)
-
-
-class EscalationError(AutoexecError, ValueError):
-    """A decision on escalations cannot be applied: an unknown key, an escalation that is no
-    longer open, one without a proposed action to approve, a decider who may not decide, a missing
-    note, or a filter or sort column that cannot be used. Nothing is written when it is raised."""
 
 
 def to_json(data: Mapping[str, Any]) -> str:
