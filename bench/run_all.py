@@ -6,7 +6,7 @@
 Prints each benchmark's figures (with its baseline, measured in the same run), then a compact
 table of targets, and exits 1 if a target is missed. Each benchmark also runs alone:
 ``python -m bench.bench_execution``, ``bench.bench_routing``, ``bench.bench_memory``,
-``bench.bench_sensor``, ``bench.bench_workflows``.
+``bench.bench_sensor``, ``bench.bench_workflows``, ``bench.bench_approvals``.
 """
 
 import argparse
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["execution", "routing", "memory", "sensor", "workflows"],
+        choices=["execution", "routing", "memory", "sensor", "workflows", "approvals"],
         help="run only these benchmarks",
     )
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
@@ -117,9 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # Imported after sys.path is set up; the routing module holds the shared helpers.
-    from bench import bench_execution, bench_memory, bench_routing, bench_sensor, bench_workflows
+    from bench import (
+        bench_approvals,
+        bench_execution,
+        bench_memory,
+        bench_routing,
+        bench_sensor,
+        bench_workflows,
+    )
 
-    selected = args.only or ["execution", "routing", "memory", "sensor", "workflows"]
+    selected = args.only or ["execution", "routing", "memory", "sensor", "workflows", "approvals"]
     started = time.perf_counter()
     print(f"autoexec_dagster benchmarks ({'quick smoke' if args.quick else 'full'})")
     print(f"  command: {sys.executable} {' '.join(sys.argv)}")
@@ -179,6 +186,18 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(bench_workflows.report(result)))
         results["workflows"] = result
         checks += bench_workflows.checks(result)
+    if "approvals" in selected:
+        print("\n== approvals: a bulk approval and the pending listing ==", flush=True)
+        wait_until_quiet(args.wait_quiet)
+        result = bench_approvals.run(
+            requests=30_000 if args.quick else 100_000,
+            bulk=10_000,
+            repeats=1 if args.quick else 3,
+            list_repeats=2 if args.quick else 5,
+        )
+        print("\n".join(bench_approvals.report(result)))
+        results["approvals"] = result
+        checks += bench_approvals.checks(result)
 
     width = max(len(c.name) for c in checks)
     measured = max(len(c.measured) for c in checks)

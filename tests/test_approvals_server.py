@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import re
+import shutil
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta
 from html import unescape
@@ -381,6 +382,28 @@ def test_healthz_answers_while_the_ledger_does(server: ApprovalServer) -> None:
     reply = call("GET", f"{server.url}/healthz")
     assert reply.status == 200
     assert json.loads(reply.text) == {"status": "ok", "schema_version": 3}
+
+
+def test_a_ledger_that_cannot_be_read_gets_a_503_page(
+    tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    folder = tmp_path / "ledger"
+    folder.mkdir()
+    ledger = ActionLedger(f"sqlite:///{folder / 'ledger.db'}", clock=clock)
+    row = approval_row("sku-1")
+    request(ledger, row)
+    with ApprovalServer(ledger, clock=clock) as running:
+        url = link(running, row)
+        assert call("GET", url).status == 200
+        # The ledger's folder disappears (a lost volume): every read now fails.
+        ledger.dispose()
+        shutil.rmtree(folder)
+
+        page, health = call("GET", url), call("GET", f"{running.url}/healthz")
+
+    assert page.status == 503 and "The ledger is unavailable" in page.page
+    assert health.status == 503 and json.loads(health.text) == {"status": "unavailable"}
 
 
 def test_a_decision_by_link_is_observed_on_the_dagster_instance(

@@ -116,7 +116,19 @@ def test_approvals_lists_the_pending_queue_oldest_first(
     assert "12,750.00" in big and "0/2" in big and "ana, bob" in big
     assert "BREACHED 1h 00m ago" in small
     assert "4 of 4 request(s) shown for playbook 'stock_replenishment'" in result.output
-    assert "value shown 15,145.50" in result.output
+    assert "total value 15,145.50" in result.output
+
+    # A limit shows the oldest; the totals still cover the whole queue.
+    limited = run("approvals", "--ledger", url, "--playbook", PLAYBOOK, "--limit", "2")
+    assert [line.split()[2] for line in limited.output.splitlines()[1:3]] == [
+        "sku-1004",
+        "sku-1002",
+    ]
+    assert (
+        "2 of 4 request(s) shown for playbook 'stock_replenishment' (--limit 2); total value "
+        in (limited.output)
+    )
+    assert "15,145.50" in limited.output
 
 
 def test_approvals_sorts_by_value_age_or_a_payload_field(
@@ -197,9 +209,14 @@ def test_approve_by_a_unique_prefix_records_a_cli_decision(
         "cli",
     )
     assert stored["decision_note"] == "ok"
+    run("reject", queue["tiny"]["approval_id"], "--ledger", url, "--by", "bob", "--note", "no")
+    latest = run("approvals", "--ledger", url, "--status", "decided", "--json")
+    # Decided requests list the latest decision first.
+    assert [r["entity_id"] for r in json.loads(latest.output)] == ["sku-1004", "sku-1001"]
     decided = run("approvals", "--ledger", url, "--status", "decided")
     assert "sku-1001" in decided.output and "ana" in decided.output and " cli " in decided.output
     assert " ok " in decided.output + " " and "sku-1002" not in decided.output
+    assert "rejected" in decided.output and " no " in decided.output + " "
 
 
 def test_four_eyes_from_the_command_line(

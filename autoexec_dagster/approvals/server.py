@@ -27,7 +27,7 @@ already decided, or this approver already decided it).
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -106,7 +106,7 @@ def approval_app(
     Returns:
         The application; blocking ledger calls run in threads, off the event loop.
     """
-    app = web.Application(client_max_size=_MAX_FORM_BYTES)
+    app = web.Application(client_max_size=_MAX_FORM_BYTES, middlewares=[_ledger_unavailable])
     app[LEDGER_KEY] = ledger
     app[LINKS_KEY] = links
     app[CLOCK_KEY] = clock or ledger.clock
@@ -117,6 +117,25 @@ def approval_app(
     app.router.add_post("/approvals/{approval_id}/{decision:approve|reject}", _decide)
     app.on_cleanup.append(_finish_observations)
     return app
+
+
+@web.middleware
+async def _ledger_unavailable(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A ledger that cannot be read or written is a refusal page (503), not a stack trace."""
+    try:
+        return await handler(request)
+    except LedgerError:
+        log.exception("the action ledger failed during %s %s", request.method, request.path)
+        return _refused(
+            _Refusal(
+                503,
+                "The ledger is unavailable",
+                "The approval could not be read or recorded right now. Open the link again in a "
+                "few minutes: it shows whether your decision was recorded.",
+            )
+        )
 
 
 def _page(status: int, body: str) -> web.Response:

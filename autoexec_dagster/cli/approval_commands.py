@@ -313,6 +313,18 @@ def _sorted(frame: pd.DataFrame, column: str, ascending: bool) -> pd.DataFrame:
         return frame.iloc[np.argsort(order.to_numpy(), kind="stable")[:: 1 if ascending else -1]]
 
 
+def _counts(
+    ledger: ActionLedger, *, playbook: str, partition: str | None, statuses: Any
+) -> tuple[int, float]:
+    """How many requests of the scope a listing covers, and their total value."""
+    wanted = (
+        None if statuses is None else {statuses} if isinstance(statuses, str) else set(statuses)
+    )
+    rows = ledger.approval_counts(playbook=playbook, partition_key=partition)
+    chosen = [r for r in rows if wanted is None or r["status"] in wanted]
+    return sum(int(r["count"]) for r in chosen), sum(float(r["value"]) for r in chosen)
+
+
 def _approved_so_far(ledger: ActionLedger, frame: pd.DataFrame) -> dict[str, list[str]]:
     """Who approved each pending four-eyes request so far (the others wait for nobody yet)."""
     ids = frame.loc[
@@ -430,14 +442,32 @@ def approvals_command(
         fail("give --json or --csv, not both")
     ledger = open_ledger(ledger_url)
     statuses: Any = {"pending": PENDING, "decided": list(DECIDED_STATES), "all": None}[status]
-    column, ascending = _sort_key(sort) if sort else ("requested_at", True)
+    if sort:
+        column, ascending = _sort_key(sort)
+    else:
+        # Waiting requests oldest first (the next to breach); decided ones latest first.
+        column, ascending = ("decided_at", False) if status == "decided" else ("requested_at", True)
     by_payload = column not in set(_SORT_ALIASES.values())
+    oldest_first = (column == "requested_at" and ascending) or (
+        column == "age_hours" and not ascending
+    )
+    counted = (
+        _counts(ledger, playbook=playbook, partition=partition, statuses=statuses)
+        if playbook and oldest_first
+        else None
+    )
+    # The ledger lists oldest first: that order needs only the rows shown, whatever the queue's
+    # size (its totals come from one grouped count). Any other order sorts the whole scope here.
     frame = ledger.approvals(
-        playbook=playbook, partition_key=partition, status=statuses, with_payload=by_payload
+        playbook=playbook,
+        partition_key=partition,
+        status=statuses,
+        with_payload=by_payload,
+        limit=limit if counted is not None else None,
     )
     now = pd.Timestamp(ledger.clock())
     frame["age_hours"] = (now - frame["requested_at"]).dt.total_seconds() / 3600
-    total = len(frame)
+    total, total_value = counted or (len(frame), float(frame["value"].fillna(0.0).sum()))
     payloads: dict[str, Any] = {}
     if by_payload:
         decoded = _decoded_payloads(frame["payload"])
@@ -505,14 +535,11 @@ def approvals_command(
         view["note"] = [_text(r["decision_note"]) for r in records]
     view["payload"] = [_payload_line(r["payload"]) for r in records]
     click.echo(table(view))
-    shown_value = sum(
-        float(r["value"]) for r in records if r["value"] is not None and r["value"] == r["value"]
-    )
     click.echo("")
     click.echo(
         f"{len(records):,} of {total:,} request(s) shown{_scope(playbook, partition)}"
         + (f" (--limit {limit})" if total > len(records) else "")
-        + f"; value shown {_money(shown_value)}."
+        + f"; total value {_money(total_value)}."
         + (
             " Decide with: autoexec approve KEY --by NAME, or autoexec reject KEY --by NAME "
             "--note TEXT"
@@ -609,10 +636,8 @@ def resolve_approval_keys(
 
 
 def _filter_frame(pending: pd.DataFrame, now: pd.Timestamp) -> pd.DataFrame:
-    """The columns a --where filter reads: the request's own and its payload's fields."""
-    payloads = _decoded_payloads(pending["payload"])
-    fields = _payload_frame(payloads)
-    fields.index = pending.index
+    """The columns a --where filter reads: the request's own and (when the listing holds it) its
+    payload's fields."""
     base = pd.DataFrame(
         {
             "value": pending["value"].astype(float),
@@ -626,6 +651,10 @@ def _filter_frame(pending: pd.DataFrame, now: pd.Timestamp) -> pd.DataFrame:
         },
         index=pending.index,
     )
+    if "payload" not in pending.columns:
+        return base
+    fields = _payload_frame(_decoded_payloads(pending["payload"]))
+    fields.index = pending.index
     clashing = [c for c in fields.columns if c in base.columns]
     # A payload field named like a request column stays readable as `payload.<field>`.
     renamed = fields.rename(columns={c: f"payload.{c}" for c in clashing})
@@ -638,7 +667,6 @@ def _matching(
     playbook: str,
     partition: str | None,
     where: str,
-    by: str,
 ) -> tuple[pd.DataFrame, int]:
     """Pending requests of the scope the filter selects and ``by`` may decide; and how many
     matched but have already expired (nobody can decide those)."""
@@ -650,8 +678,10 @@ def _matching(
                 "rule '--where': ", ""
             )
         )
+    # Decoding 10,000 payloads costs more than the rest of the selection: only when read.
+    reads_payload = not parsed.columns <= set(_FILTER_COLUMNS)
     pending = ledger.pending_approvals(
-        playbook=playbook, partition_key=partition, with_payload=True
+        playbook=playbook, partition_key=partition, with_payload=reads_payload
     )
     if pending.empty:
         return pending, 0
@@ -686,10 +716,12 @@ def _matching(
 
 def _refusals_for(ledger: ActionLedger, selected: pd.DataFrame, *, by: str) -> list[str]:
     """Why ``by`` cannot decide some of the selected requests (checked before asking)."""
+    # Requests of one step share their approvers' JSON: decode each distinct list once.
+    listed = {raw: by in _approvers(raw) for raw in set(selected["approvers"])}
     not_listed = [
         str(i)
         for i, raw in zip(selected["approval_id"], selected["approvers"], strict=True)
-        if by not in _approvers(raw)
+        if not listed[raw]
     ]
     problems: list[str] = []
     if not_listed:
@@ -779,7 +811,7 @@ def _decide(
     scopes: dict[str, tuple[str, str]] = {}
     if where is not None:
         selected, expired = _matching(
-            ledger, playbook=str(playbook), partition=partition, where=where, by=by
+            ledger, playbook=str(playbook), partition=partition, where=where
         )
         scope = _scope(playbook, partition)
         left_out = (
