@@ -329,3 +329,32 @@ def test_a_transform_that_returns_what_it_may_not_is_refused_and_nothing_moves(w
     assert report.approvals_requested == 2 and suppliers.sent("submit_po") == Counter(
         {"a": 1, "d": 1}
     )
+
+
+def test_an_unknown_notify_channel_is_refused_before_anything_runs(world):
+    _clock, ledger, suppliers, channels = world
+    without = {k: v for k, v in channels.items() if k != "approver_email"}
+    with pytest.raises(
+        PlanError, match=r"'approver_email' \(workflow 'replenish', step 'approval'\)"
+    ):
+        start(stock_playbook(), ledger, without)
+    assert ledger.instances(playbook="stock").empty and suppliers.calls == []
+
+
+def test_build_execution_defs_names_the_step_whose_notify_channel_is_missing():
+    import dagster as dg
+
+    from autoexec_dagster import build_execution_defs
+    from autoexec_dagster.errors import ChannelConfigError
+
+    suppliers = Suppliers()
+    with pytest.raises(
+        ChannelConfigError,
+        match=r"'approver_email' \(workflow replenish step approval notify\)",
+    ):
+        build_execution_defs(
+            insight=dg.AssetKey("stock_shortages"),
+            playbook=stock_playbook(),
+            channels={a: suppliers.channel(a) for a in ("draft_po", "submit_po")},
+            ledger="sqlite://",
+        )

@@ -199,6 +199,8 @@ def check_channels(playbook: Playbook, channels: Mapping[str, Channel]) -> None:
             for step in [*workflow.steps, *workflow.on_failure_steps]:
                 if step.action in users:
                     users[step.action].append(f"workflow {workflow_name} step {step.name}")
+                if step.notify in users:
+                    users[step.notify].append(f"workflow {workflow_name} step {step.name} notify")
         detail = "; ".join(f"{a!r} ({', '.join(users[a])})" for a in missing)
         raise ChannelConfigError(
             f"playbook {playbook.name!r} has no channel for action(s) {detail}; channels given: "
