@@ -11,9 +11,15 @@
     autoexec pause [--playbook P] --reason TEXT --by NAME
     autoexec resume [--playbook P] --by NAME
     autoexec status                                     the kill switch
+    autoexec escalations approve|reject|suppress|resolve KEY... --by NAME   work the queue
+    autoexec approvals [--playbook P] [--partition K] [--status pending|decided] [--sort COL]
+    autoexec approve KEY... --by NAME [--note TEXT]     or in bulk: --playbook P --where EXPR
+    autoexec reject KEY... --by NAME --note TEXT
+    autoexec serve [--host H] [--port N]                the signed approval links' endpoint
+    autoexec backtest --playbook FILE --insights PATH... [--approve-when LABEL=EXPR]
 
-Every listing command (summary, escalations, workflows, history, status) takes ``--json`` for
-machine-readable output. Every command takes ``--ledger URL``; without it, ``$AUTOEXEC_LEDGER_URL``, then the default the
+Every listing command (summary, escalations, approvals, workflows, history, status, backtest)
+takes ``--json`` for machine-readable output (escalations, approvals and backtest also ``--csv``). Every command takes ``--ledger URL``; without it, ``$AUTOEXEC_LEDGER_URL``, then the default the
 Dagster integration uses (``autoexec_ledger.db`` in ``$DAGSTER_HOME``, else the working
 directory), else ``var/autoexec_ledger.db`` in the working directory when it exists (where the
 reference deployment and ``make demo`` keep it).
