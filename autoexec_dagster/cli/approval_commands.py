@@ -18,6 +18,7 @@ instance as an observation of ``<playbook>/approvals`` (when ``$DAGSTER_HOME`` i
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -251,7 +252,11 @@ def _mask_payload(value: Any, personal: Sequence[str], *, field: str | None = No
 
 def _payload_line(payload: Any, *, max_chars: int = 60) -> str:
     parts = []
-    for name, value in payload_fields(payload).items():
+    fields = payload_fields(payload)
+    # Earlier steps' outputs (``draft_po.total``) say what is approved; the entity's columns after.
+    ordered = sorted(fields, key=lambda name: "." not in name)
+    for name in ordered:
+        value = fields[name]
         shown = json.dumps(value, default=str) if isinstance(value, Mapping | list) else value
         if isinstance(shown, float):
             shown = round(shown, 4)
@@ -995,6 +1000,13 @@ def serve(ledger_url: str | None, host: str, port: int) -> None:
     except LinkError as exc:
         fail(str(exc))
     ledger = open_ledger(ledger_url)
+    # Requests (paths only: tokens are capabilities) and decisions, for whoever runs the server.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    for name in ("aiohttp.access", "autoexec_dagster.approvals.server"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
     app = approval_app(ledger, links)
     try:
         asyncio.run(_serve(app, host=host, port=port, ledger=ledger))
