@@ -1,7 +1,7 @@
 """The reference deployment's demo (``make demo``) and local UI (``make ui``).
 
-The stories live in their own modules (:mod:`demo.churn`, :mod:`demo.hosts`), the Dagster
-plumbing they share in :mod:`demo.runs`. This package holds what the demo and the UI share and
+The stories live in their own modules (:mod:`demo.churn`, :mod:`demo.hosts`, :mod:`demo.stock`),
+the Dagster plumbing they share in :mod:`demo.runs`. This package holds what the demo and the UI share and
 imports nothing heavy, so ``python -m demo.ui`` starts at once: where the Dagster instance lives,
 and the local destinations' signing secrets.
 """
@@ -17,6 +17,8 @@ DAGSTER_YAML_TEMPLATE = PROJECT_DIR / "dagster.yaml"
 DEFAULT_DAGSTER_HOME = PROJECT_DIR / ".dagster_home"
 CRM_SECRET_ENV = "CRM_WEBHOOK_SECRET"
 INFRA_SECRET_ENV = "INFRA_API_SECRET"
+SUPPLIER_SECRET_ENV = "SUPPLIER_API_SECRET"
+APPROVAL_SECRET_ENV = "AUTOEXEC_APPROVAL_SECRET"
 
 
 def prepare_dagster_home() -> Path:
@@ -68,3 +70,14 @@ def ensure_crm_secret() -> str:
 def ensure_infra_secret() -> str:
     """The infrastructure API's signing secret (``$INFRA_API_SECRET``); see :func:`ensure_secret`."""
     return ensure_secret(INFRA_SECRET_ENV)
+
+
+def ensure_supplier_secret() -> str:
+    """The supplier API's signing secret (``$SUPPLIER_API_SECRET``); see :func:`ensure_secret`."""
+    return ensure_secret(SUPPLIER_SECRET_ENV)
+
+
+def ensure_approval_secret() -> str:
+    """The approval links' signing secret (``$AUTOEXEC_APPROVAL_SECRET``, shared by the workflow
+    that signs the links and ``autoexec serve`` that checks them); see :func:`ensure_secret`."""
+    return ensure_secret(APPROVAL_SECRET_ENV)

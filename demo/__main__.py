@@ -1,7 +1,7 @@
 """``make demo``: the reference deployment's stories end to end, in one process, without the UI.
 
-``python -m demo`` tells every story in turn; ``python -m demo churn`` or ``python -m demo hosts``
-tells one:
+``python -m demo`` tells every story in turn; ``python -m demo churn``, ``python -m demo hosts`` or
+``python -m demo stock`` tells one:
 
 - churn (:mod:`demo.churn`): a churn model scores 20,000 customers for a day; retention emails
   and CRM tasks go out, complex cases go to a person; the mailbox and the CRM are checked
@@ -10,6 +10,11 @@ tells one:
   workflow isolates, diagnoses, remediates, verifies and reinstates them through the local
   infrastructure API (its own process), database hosts and failed remedies go to a person with
   the evidence; the API's own record is checked against the ledger.
+- stock (:mod:`demo.stock`): a demand forecast finds a day's stock shortages; a workflow per SKU
+  chooses the cheapest supplier that delivers in time and drafts a purchase order at the local
+  supplier API; orders above 5,000 wait for procurement (emails with signed links, the command
+  line), the rest go out at once; follow-ups until the supplier answers, then the inventory; the
+  supplier API's record, the ledger and the inventory are checked against each other.
 
 Run again, each story sends nothing and says so.
 """
@@ -22,7 +27,7 @@ from collections.abc import Sequence
 from demo import prepare_dagster_home
 from demo.runs import say
 
-STORIES = ("churn", "hosts")
+STORIES = ("churn", "hosts", "stock")
 
 
 def _day(value: str) -> str:
@@ -55,21 +60,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     from demo.churn import DEFAULT_PARTITION
     from demo.hosts import DEFAULT_HOUR
+    from demo.stock import DEFAULT_DAY
 
     parser = argparse.ArgumentParser(
         prog="python -m demo",
         description="The reference deployment end to end: train, score, execute through Dagster, "
         "summarise, and check each destination's own record against the ledger.",
-        epilog="Stories: 'churn' (retention emails and CRM tasks for one day's churn scores) and "
+        epilog="Stories: 'churn' (retention emails and CRM tasks for one day's churn scores), "
         "'hosts' (remediation workflows for one hour's anomalous hosts, against the local "
-        "infrastructure API, on an injected clock). Without a story, both run: churn, then hosts.",
+        "infrastructure API, on an injected clock) and 'stock' (purchase orders for one day's "
+        "stock shortages, with approvals above 5,000, against the local supplier API, on an "
+        "injected clock). Without a story, all run: churn, hosts, then stock.",
     )
     parser.add_argument(
         "story",
         nargs="?",
         choices=[*STORIES, "all"],
         default="all",
-        help="the story to tell: churn, hosts, or all (default: all, churn then hosts)",
+        help="the story to tell: churn, hosts, stock, or all (default: all, in that order)",
     )
     parser.add_argument(
         "--partition",
@@ -83,6 +91,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DEFAULT_HOUR,
         help=f"hosts: the host_anomalies hour to score and act on (default {DEFAULT_HOUR})",
     )
+    parser.add_argument(
+        "--day",
+        type=_day,
+        default=DEFAULT_DAY,
+        help=f"stock: the stock_shortages day to score and act on (default {DEFAULT_DAY})",
+    )
     parser.add_argument("--verbose", action="store_true", help="show Dagster's INFO logs")
     args = parser.parse_args(argv)
     stories = list(STORIES) if args.story == "all" else [args.story]
@@ -95,10 +109,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from demo import churn
 
             status |= churn.run(args.partition, verbose=args.verbose)
-        else:
+        elif story == "hosts":
             from demo import hosts
 
             status |= hosts.run(args.hour, verbose=args.verbose)
+        else:
+            from demo import stock
+
+            status |= stock.run(args.day, verbose=args.verbose)
         print()
     return status
 
