@@ -365,7 +365,7 @@ def _flow_text(report: Mapping[str, Any]) -> str:
         (n("draft_po", "delivered"), "drafted"),
         (n("approval", "approved_by_rule"), "approved by the rule"),
         (n("approval", "requested"), "waiting for approval"),
-        (n("approval", "approved"), "approved by people applied"),
+        (n("approval", "approved"), "approvals by people applied"),
         (int(flow.get("rejected", 0)), "rejected by people"),
         (n("submit", "delivered"), "submitted"),
         (n("confirm", "delivered"), "follow-ups"),
@@ -375,8 +375,9 @@ def _flow_text(report: Mapping[str, Any]) -> str:
     ):
         if count:
             parts.append(f"{count:,} {text}")
-    parts.append(f"{int(flow.get('waiting', 0)):,} waiting")
-    return ", ".join(parts)
+    if flow.get("waiting"):
+        parts.append(f"{int(flow['waiting']):,} waiting")
+    return ", ".join(parts) or "nothing to do"
 
 
 def execute_new_days(
@@ -892,7 +893,7 @@ def print_backtest(day: str, model: Any) -> None:
         f"{float(totals[n]['autonomy_rate']):.1%} at {label}"
         for n, label in zip(names, labels, strict=True)
     )
-    print(f"  orders going out without a person: {rates}")
+    print(f"  short SKUs whose order needs no approval: {rates}")
 
 
 # -- the records against each other -------------------------------------------------------------
