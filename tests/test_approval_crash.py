@@ -20,9 +20,9 @@ it. Time is a file clock both processes read; only the test moves it.
 3. Decisions that land at the expiry: the request ends approved (decision first) or expired
    (expiry first), never both, and the instance follows it.
 
-Decisions that land inside the advance that opened their requests are tested on their own; two
-defects found there are kept as strict xfails until the library is fixed (``_LOST_WAKE``,
-``_ORPHANED_NOTICES``).
+Decisions that land inside the advance that opened their requests are tested on their own: they
+found two defects, fixed since (a decision's wake overwritten by that advance's save, and the
+notifications of a request decided before they went out left unsent in the outbox).
 
 Kill points and k come from a seeded generator (printed with the trial). The in-flight window is
 read from the ledger after the kill: outbox rows left ``sending`` or ``in_doubt``. PostgreSQL
@@ -796,19 +796,6 @@ def test_decisions_around_a_killed_worker_each_apply_once(
 # answer the first one while the others are still going out. Here the worker holds right after
 # the requests for people are committed, the test decides three of them (two approved by both
 # approvers, one rejected), and the worker goes on (and is killed at a point, or not).
-_LOST_WAKE = (
-    "a decision recorded while the advance that opened its request holds the instance is "
-    "overwritten by that advance's save_instances (next_due = the expiry); the re-wake "
-    "(_Advancer._wake_decided) runs in a separate transaction after the save, so a kill between "
-    "the two leaves the decided instance waiting until its expiry"
-)
-_ORPHANED_NOTICES = (
-    "after a crash between reserving the notifications and sending them, the restart notifies "
-    "only requests still pending (ApprovalGate._request skips _notify for a request decided "
-    "meanwhile), so the decided requests' notification rows stay reserved (or sending, by the "
-    "dead worker) in the outbox forever: partitions_with_pending_work reports the partition "
-    "on every tick"
-)
 
 
 @pytest.mark.parametrize(
@@ -816,10 +803,8 @@ _ORPHANED_NOTICES = (
     [
         None,
         "during_save",
-        pytest.param("after_save", marks=pytest.mark.xfail(strict=True, reason=_LOST_WAKE)),
-        pytest.param(
-            "after_reserve:notify", marks=pytest.mark.xfail(strict=True, reason=_ORPHANED_NOTICES)
-        ),
+        "after_save",
+        "after_reserve:notify",
     ],
 )
 @pytest.mark.timeout(trials(120, 600))

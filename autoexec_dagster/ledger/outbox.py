@@ -23,7 +23,7 @@ from autoexec_dagster.ledger.engine import LedgerBase, chunks
 from autoexec_dagster.ledger.engine import now as utcnow
 from autoexec_dagster.ledger.escalations import escalation_row
 from autoexec_dagster.ledger.liveness import worker_is_dead
-from autoexec_dagster.ledger.schema import IN_DOUBT, RESERVED, SENDING
+from autoexec_dagster.ledger.schema import IN_DOUBT, RESERVED, SENDING, SKIPPED
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +160,34 @@ class Outbox(LedgerBase):
                     )
                     recovered.update(stale)
         return recovered
+
+    def skip_unsent(self, keys: Sequence[str], *, detail: str) -> list[str]:
+        """Mark actions that were never sent and must not be any more as ``skipped``.
+
+        Only rows still reserved or in doubt change (recover a dead worker's ``sending`` rows
+        first); a row another worker is sending, or that has finished, is left alone. Returns
+        the keys skipped.
+        """
+        t = schema.actions
+        skipped: list[str] = []
+        with self._write("skip unsent actions") as conn:
+            for chunk in chunks(list(keys)):
+                result = conn.execute(
+                    sa.update(t)
+                    .where(t.c.idempotency_key.in_(chunk), t.c.state.in_([RESERVED, IN_DOUBT]))
+                    .values(
+                        state=SKIPPED,
+                        detail=detail[:500],
+                        payload=None,
+                        worker=None,
+                        lease_expires_at=None,
+                        updated_at=utcnow(),
+                        completed_at=utcnow(),
+                    )
+                    .returning(t.c.idempotency_key)
+                )
+                skipped.extend(r[0] for r in result)
+        return skipped
 
     def claim(
         self, keys: Sequence[str], *, worker: str, lease_seconds: float, run_id: str | None

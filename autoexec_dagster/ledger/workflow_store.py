@@ -215,6 +215,19 @@ class WorkflowStore(LedgerBase):
                     .where(a.c.approval_id.in_(chunk), a.c.applied_at.is_(None))
                     .values(applied_at=self.clock())
                 )
+            # A decision that landed while this advance held an instance set it due, and the
+            # UPDATE above just wrote the advance's own next_due over that: make it due again in
+            # the same transaction, so no crash can leave a decided instance waiting.
+            waiting = [u["instance_id"] for u in updates if u.get("state") == schema.WAITING]
+            for chunk in chunks(waiting):
+                decided = sa.select(a.c.instance_id).where(
+                    a.c.instance_id.in_(chunk),
+                    a.c.applied_at.is_(None),
+                    a.c.status.in_([schema.APPROVED, schema.REJECTED]),
+                )
+                conn.execute(
+                    sa.update(t).where(t.c.instance_id.in_(decided)).values(next_due=self.clock())
+                )
         return written
 
     def amend_instance(

@@ -316,7 +316,6 @@ class _Advancer:
             worker=self.worker,
             applied_approvals=applied,
         )
-        await asyncio.to_thread(self._wake_decided, instances)
         for instance in instances:
             if instance.state == WAITING and instance.next_due is not None:
                 self.report.waiting += 1
@@ -410,22 +409,6 @@ class _Advancer:
         instance.finished_at = now
         instance.parked = True
         self.report.rejected += 1
-
-    def _wake_decided(self, instances: list[Instance]) -> None:
-        """Instances saved waiting at a gate whose request was decided while this advance held
-        them: the decision set them due, and the save just overwrote that; set it again."""
-        parked = [
-            i.instance_id
-            for i in instances
-            if i.state == WAITING
-            and i.workflow in self.playbook.workflows
-            and i.step_index < len(self._steps(i))
-            and self._steps(i)[i.step_index].kind == "approval"
-        ]
-        if parked:
-            decided = self.ledger.decided_unapplied(parked)
-            if decided:
-                self.ledger.wake_instances(sorted(decided))
 
     async def _send_notifications(self, rows: list[dict[str, Any]]) -> tuple[int, int]:
         """Reserve and deliver approver notifications; returns (delivered, failed)."""

@@ -11,7 +11,7 @@ at the same moment either wins or is refused, never both. If the payload has cha
 a decision is applied, the request is void and a new one is opened: nobody approved this payload.
 """
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -26,6 +26,7 @@ from autoexec_dagster.ledger.schema import (
     PENDING,
     REJECTED,
     RESERVED,
+    SENDING,
     SUCCEEDED,
     VOID,
 )
@@ -202,12 +203,15 @@ class ApprovalGate:
             [r["approval_id"] for r in rows if r["approval_id"] not in inserted]
         )
         opened: list[tuple[Instance, dict[str, Any]]] = []
+        decided: list[Mapping[str, Any]] = []
         for instance, row in zip(instances, rows, strict=True):
             stored = existing.get(row["approval_id"], row)
             instance.step_started_at = stored["requested_at"] or now
             if stored.get("status", PENDING) != PENDING:
-                # Opened before a crash and decided since: apply the decision now.
+                # Opened before a crash and decided since: apply the decision now, and finish
+                # notifications that never went out (nobody needs asking any more).
                 self._decided(step, instance, stored, now)
+                decided.append(stored)
                 continue
             instance.outputs[step.name] = {
                 "status": stored.get("status", PENDING),
@@ -225,6 +229,8 @@ class ApprovalGate:
             host._wait(instance, _next_look(stored, now))
             host.report.count(step.name, "requested")
             opened.append((instance, stored))
+        if decided:
+            self._finish_notifications(step, decided)
         host.report.approvals_requested += len(inserted)
         # Requests opened before a crash are notified again: the outbox keys (one per request
         # and approver) make a notification that was already delivered a no-op.
@@ -358,6 +364,21 @@ class ApprovalGate:
             )
 
     # -- notifying ----------------------------------------------------------------------------
+
+    def _finish_notifications(self, step: Step, requests: Sequence[Mapping[str, Any]]) -> None:
+        keys = [
+            key
+            for request in requests
+            for key in notify_keys(
+                approval_id=request["approval_id"], approvers=list(step.approvers)
+            )
+        ]
+        ledger = self.host.ledger
+        states = ledger.states(keys)
+        in_flight = [k for k in keys if states.get(k, (None, None))[0] == SENDING]
+        if in_flight:
+            ledger.recover(in_flight)
+        ledger.skip_unsent(keys, detail="the request was decided before its notification went out")
 
     async def _notify(self, step: Step, opened: list[tuple[Instance, dict[str, Any]]]) -> None:
         if step.notify is None:
