@@ -43,7 +43,7 @@ bench: $(STAMP)
 # report is written even when a suite fails (make still fails with pytest's status).
 RELIABILITY_TESTS = $(wildcard tests/test_crash_points.py tests/test_ledger_faults.py \
 	tests/test_network_faults.py tests/test_postgres_restart.py tests/test_bad_input_*.py \
-	tests/test_secrecy.py tests/test_workflow_crash.py)
+	tests/test_secrecy.py tests/test_workflow_crash.py tests/test_approval_crash.py)
 
 reliability: $(STAMP)
 	rm -f test-artifacts/reliability.jsonl

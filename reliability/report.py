@@ -32,6 +32,7 @@ SUITE_FILES = {
     "bad_input": "tests/test_bad_input_*.py",
     "secrecy": "tests/test_secrecy.py",
     "workflow_crash": "tests/test_workflow_crash.py",
+    "approval_crash": "tests/test_approval_crash.py",
 }
 # The first of these a suite records splits its detail table (kill point, ledger method, ...).
 DETAIL_KEYS = ("point", "method", "group", "scope", "mode")
