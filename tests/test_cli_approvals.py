@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -111,8 +112,12 @@ def test_approvals_lists_the_pending_queue_oldest_first(
     assert entities == ["sku-1004", "sku-1002", "sku-1001", "sku-1003"]
     tiny, small, mid, big = lines[1:5]
     assert queue["tiny"]["approval_id"][:12] in tiny and "95.50" in tiny and "1d 0h" in tiny
-    assert "BREACHED 16h 00m ago" in tiny and "e***@" not in tiny and "j***@ex.com" in tiny
-    assert "1,840.00" in mid and "3h 00m" in mid and "due in 4h 59m" in mid
+    # Ages are measured at the command's own "now", a little after the requests were made (on a
+    # loaded machine, minutes): allow for that drift, not more.
+    assert re.search(r"BREACHED 16h 0\dm ago", tiny)
+    assert "e***@" not in tiny and "j***@ex.com" in tiny
+    assert "1,840.00" in mid and re.search(r"\b3h 0\dm\b", mid)
+    assert re.search(r"due in 4h 5\dm", mid)
     assert "12,750.00" in big and "0/2" in big and "ana, bob" in big
     assert "BREACHED 1h 00m ago" in small
     assert "4 of 4 request(s) shown for playbook 'stock_replenishment'" in result.output
@@ -168,7 +173,7 @@ def test_approvals_json_has_every_field_with_personal_ones_masked(
         "total": 95.5,
         "email": "j***@ex.com",
     }
-    assert record["age_hours"] == pytest.approx(24.0, abs=0.02)
+    assert record["age_hours"] == pytest.approx(24.0, abs=0.15)
     assert record["sla"].startswith("BREACHED") and record["decided_by"] is None
     shown = run("approvals", "--ledger", url, "--json", "--sort", "value", "--show-personal")
     assert json.loads(shown.output)[0]["payload"]["email"] == "jo@ex.com"
@@ -487,7 +492,7 @@ def test_a_cli_decision_is_observed_on_the_dagster_instance(
     metadata = {k: v.value for k, v in observation.metadata.items()}
     assert metadata["pending"] == 3
     assert metadata["pending_value"] == 460.0 + 12750.0 + 95.5
-    assert metadata["oldest_pending_hours"] == pytest.approx(24.0, abs=0.02)
+    assert metadata["oldest_pending_hours"] == pytest.approx(24.0, abs=0.15)
     # Two of the three pending requests are past their SLA.
     assert metadata["sla_overdue"] == 2
     assert (metadata["approved_by_people"], metadata["rejected"], metadata["void"]) == (1, 0, 0)
