@@ -64,7 +64,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import sqlite3
 import sys
 import threading
@@ -74,7 +73,7 @@ from typing import Any
 
 from aiohttp import web
 
-from resources.local_servers import LOOPBACK, SqliteAiohttpServer
+from resources.local_servers import LOOPBACK, SqliteAiohttpServer, serve_in_foreground
 
 __all__ = [
     "ACTION_ENDPOINTS",
@@ -656,8 +655,6 @@ def main(argv: list[str] | None = None) -> int:
         The exit status: 0 after a clean stop, 1 when the server stopped by itself, 2 when the
         configuration is unusable.
     """
-    # The receivers' module has the liveness check of an owner process; one copy of it.
-    from resources.local_receivers import _alive
 
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -665,14 +662,6 @@ def main(argv: list[str] | None = None) -> int:
     if not secret:
         print(f"error: set the webhook secret in ${args.secret_env}", file=sys.stderr)
         return 2
-    parent = os.getppid()
-    stop = threading.Event()
-
-    def request_stop(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
     try:
         api = InfraApi(
             secret,
@@ -689,31 +678,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    try:
-        with api:
-            ready = {
-                "port": api.port,
-                "url": api.url,
-                "urls": {action: api.url_for(action) for action in ACTION_ENDPOINTS},
-                "db": str(args.db.resolve()),
-                "pid": os.getpid(),
-            }
-            print(json.dumps(ready), flush=True)
-            # Woken every half second to notice the parent's exit (the process is re-parented).
-            while not stop.wait(0.5):
-                if not api.running:
-                    log.error("the infrastructure API stopped unexpectedly")
-                    return 1
-                if args.exit_with_parent and os.getppid() != parent:
-                    log.info("parent process exited; stopping")
-                    break
-                if args.owner_pid is not None and not _alive(args.owner_pid):
-                    log.info("owner process %d exited; stopping", args.owner_pid)
-                    break
-    except OSError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return serve_in_foreground(
+        [api],
+        ready=lambda: {
+            "port": api.port,
+            "url": api.url,
+            "urls": {action: api.url_for(action) for action in ACTION_ENDPOINTS},
+            "db": str(args.db.resolve()),
+            "pid": os.getpid(),
+        },
+        what="infrastructure API",
+        exit_with_parent=args.exit_with_parent,
+        owner_pid=args.owner_pid,
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import datetime as dt
 import json
 import logging
 import os
-import signal
 import sqlite3
 import sys
 import threading
@@ -41,6 +40,7 @@ from resources.local_servers import (
     SmtpSink,
     SqliteAiohttpServer,
     mailbox_filename,
+    serve_in_foreground,
 )
 
 __all__ = ["CrmReceiver", "SmtpSink", "mailbox_filename", "main"]
@@ -226,22 +226,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        # A zombie still answers signal 0 until its parent reaps it; /proc tells (Linux).
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rpartition(")")[2].split()[:1] != ["Z"]
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run both receivers until SIGTERM, SIGINT or the parent's exit.
 
@@ -262,14 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     if not secret:
         print(f"error: set the webhook secret in ${args.crm_secret_env}", file=sys.stderr)
         return 2
-    parent = os.getppid()
-    stop = threading.Event()
-
-    def request_stop(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
     try:
         # Only filed: a sink that runs for days must not hold every message in memory too.
         smtp = SmtpSink(args.mailbox, port=args.smtp_port, keep_messages=False)
@@ -279,32 +255,20 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    try:
-        with smtp, crm:
-            ready = {
-                "smtp_port": smtp.port,
-                "crm_port": crm.port,
-                "crm_url": crm.url,
-                "mailbox": str(args.mailbox.resolve()),
-                "crm_db": str(args.crm_db.resolve()),
-                "pid": os.getpid(),
-            }
-            print(json.dumps(ready), flush=True)
-            # Woken every half second to notice the parent's exit (the process is re-parented).
-            while not stop.wait(0.5):
-                if not (smtp.running and crm.running):
-                    log.error("a receiver stopped unexpectedly")
-                    return 1
-                if args.exit_with_parent and os.getppid() != parent:
-                    log.info("parent process exited; stopping")
-                    break
-                if args.owner_pid is not None and not _alive(args.owner_pid):
-                    log.info("owner process %d exited; stopping", args.owner_pid)
-                    break
-    except OSError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return serve_in_foreground(
+        [smtp, crm],
+        ready=lambda: {
+            "smtp_port": smtp.port,
+            "crm_port": crm.port,
+            "crm_url": crm.url,
+            "mailbox": str(args.mailbox.resolve()),
+            "crm_db": str(args.crm_db.resolve()),
+            "pid": os.getpid(),
+        },
+        what="receivers",
+        exit_with_parent=args.exit_with_parent,
+        owner_pid=args.owner_pid,
+    )
 
 
 if __name__ == "__main__":

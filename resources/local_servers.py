@@ -511,3 +511,73 @@ class SmtpSink(BackgroundServer):
         """Block until at least ``count`` messages were accepted; False on timeout."""
         with self._changed:
             return self._changed.wait_for(lambda: self._deliveries >= count, timeout)
+
+
+# -- running a server as its own process -------------------------------------------------------
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        # A zombie still answers signal 0 until its parent reaps it; /proc tells (Linux).
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+def serve_in_foreground(
+    servers: "list[BackgroundServer]",
+    *,
+    ready: Callable[[], Mapping[str, Any]],
+    what: str,
+    exit_with_parent: bool,
+    owner_pid: int | None,
+) -> int:
+    """Run started-on-enter servers until SIGTERM, SIGINT, the parent's or the owner's exit.
+
+    Prints ``ready()`` as one JSON line once every server listens (what a parent process waits
+    for), then wakes every half second to notice a server that stopped by itself or an owner
+    that is gone (a re-parented process has lost its parent).
+
+    Returns:
+        The exit status: 0 after a clean stop, 1 when a server stopped by itself, 2 when a server
+        could not start.
+    """
+    import json
+    import signal
+    import sys
+
+    parent = os.getppid()
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        with contextlib.ExitStack() as stack:
+            for server in servers:
+                stack.enter_context(server)
+            print(json.dumps(dict(ready())), flush=True)
+            while not stop.wait(0.5):
+                if not all(server.running for server in servers):
+                    log.error("the %s stopped unexpectedly", what)
+                    return 1
+                if exit_with_parent and os.getppid() != parent:
+                    log.info("parent process exited; stopping")
+                    break
+                if owner_pid is not None and not process_alive(owner_pid):
+                    log.info("owner process %d exited; stopping", owner_pid)
+                    break
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

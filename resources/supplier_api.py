@@ -102,7 +102,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sqlite3
 import sys
 import threading
@@ -113,7 +112,7 @@ from typing import Any
 import pandas as pd
 from aiohttp import web
 
-from resources.local_servers import LOOPBACK, SqliteAiohttpServer
+from resources.local_servers import LOOPBACK, SqliteAiohttpServer, serve_in_foreground
 from resources.suppliers import SupplierCatalogue
 
 __all__ = [
@@ -920,9 +919,8 @@ def main(argv: list[str] | None = None) -> int:
         The exit status: 0 after a clean stop, 1 when the server stopped by itself, 2 when the
         configuration is unusable.
     """
-    # One copy each: the receivers' liveness check of an owner process, the API's file clock.
+    # One copy of the API's file clock.
     from resources.infra_api import FileClock
-    from resources.local_receivers import _alive
 
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -930,14 +928,6 @@ def main(argv: list[str] | None = None) -> int:
     if not secret:
         print(f"error: set the webhook secret in ${args.secret_env}", file=sys.stderr)
         return 2
-    parent = os.getppid()
-    stop = threading.Event()
-
-    def request_stop(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
     try:
         catalogue = SupplierCatalogue(args.catalogue)
         if not args.catalogue.exists():
@@ -955,32 +945,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, sqlite3.Error) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    try:
-        with api:
-            ready = {
-                "port": api.port,
-                "url": api.url,
-                "urls": {name: api.url_for(name) for name in ENDPOINTS},
-                "db": str(args.db.resolve()),
-                "catalogue": str(args.catalogue.resolve()),
-                "pid": os.getpid(),
-            }
-            print(json.dumps(ready), flush=True)
-            # Woken every half second to notice the parent's exit (the process is re-parented).
-            while not stop.wait(0.5):
-                if not api.running:
-                    log.error("the supplier API stopped unexpectedly")
-                    return 1
-                if args.exit_with_parent and os.getppid() != parent:
-                    log.info("parent process exited; stopping")
-                    break
-                if args.owner_pid is not None and not _alive(args.owner_pid):
-                    log.info("owner process %d exited; stopping", args.owner_pid)
-                    break
-    except OSError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return serve_in_foreground(
+        [api],
+        ready=lambda: {
+            "port": api.port,
+            "url": api.url,
+            "urls": {name: api.url_for(name) for name in ENDPOINTS},
+            "db": str(args.db.resolve()),
+            "catalogue": str(args.catalogue.resolve()),
+            "pid": os.getpid(),
+        },
+        what="supplier API",
+        exit_with_parent=args.exit_with_parent,
+        owner_pid=args.owner_pid,
+    )
 
 
 if __name__ == "__main__":
