@@ -361,20 +361,20 @@ def _flow_text(report: Mapping[str, Any]) -> str:
         return int((steps.get(step) or {}).get(outcome, 0))
 
     parts = []
-    for count, text in (
-        (n("draft_po", "delivered"), "drafted"),
-        (n("approval", "approved_by_rule"), "approved by the rule"),
-        (n("approval", "requested"), "waiting for approval"),
-        (n("approval", "approved"), "approvals by people applied"),
-        (int(flow.get("rejected", 0)), "rejected by people"),
-        (n("submit", "delivered"), "submitted"),
-        (n("confirm", "delivered"), "follow-ups"),
-        (n("inventory", "delivered"), "on order in the inventory"),
-        (int(flow.get("expired", 0)), "expired"),
-        (int(flow.get("escalated", 0)), "escalated"),
+    for count, one, many in (
+        (n("draft_po", "delivered"), "drafted", "drafted"),
+        (n("approval", "approved_by_rule"), "approved by the rule", "approved by the rule"),
+        (n("approval", "requested"), "waiting for approval", "waiting for approval"),
+        (n("approval", "approved"), "approved by people", "approved by people"),
+        (int(flow.get("rejected", 0)), "rejected by people", "rejected by people"),
+        (n("submit", "delivered"), "submitted", "submitted"),
+        (n("confirm", "delivered"), "follow-up", "follow-ups"),
+        (n("inventory", "delivered"), "on order in the inventory", "on order in the inventory"),
+        (int(flow.get("expired", 0)), "expired", "expired"),
+        (int(flow.get("escalated", 0)), "escalated", "escalated"),
     ):
         if count:
-            parts.append(f"{count:,} {text}")
+            parts.append(f"{count:,} {one if count == 1 else many}")
     if flow.get("waiting"):
         parts.append(f"{int(flow['waiting']):,} waiting")
     return ", ".join(parts) or "nothing to do"
