@@ -251,7 +251,7 @@ def test_expiry_applies_on_expiry(world, on_expiry, state, submitted, escalated)
     cases = ledger.escalations(playbook="stock", status=None)
     assert len(cases[cases["entity_id"] == "b"]) == escalated
     if escalated:
-        assert "no decision within 2 days" in cases.iloc[0]["reason"]
+        assert "no decision within 2d" in cases.iloc[0]["reason"]
 
 
 def test_a_changed_payload_voids_the_approval_and_asks_again(world):

@@ -79,14 +79,34 @@ def escalate_batch(plan: pd.DataFrame, *, ledger: ActionLedger, reason: str) -> 
 def cooldown_lookup(
     plan: pd.DataFrame, *, playbook: Playbook, ledger: ActionLedger, partition_key: str
 ) -> Mapping[tuple[str, str], datetime]:
-    """When each acting (entity, action) last succeeded in another partition within the cooldown."""
+    """When each acting (entity, action) last succeeded in another partition within the cooldown,
+    and when each entity routed to a workflow last started it there (keyed
+    ``(entity, "workflow:<name>")``): a SKU short on two days gets one purchase order."""
     days = playbook.guardrails.cooldown_days
-    acting = plan[plan["decision"].astype(str) == "act"]
-    if not days or acting.empty:
+    decisions = plan["decision"].astype(str)
+    acting = plan[decisions == "act"]
+    starting = plan[decisions == "workflow"]
+    if not days or (acting.empty and starting.empty):
         return {}
-    return ledger.recent_deliveries(
-        playbook=playbook.name,
-        entity_ids=acting["entity_id"].astype(str).tolist(),
-        since=datetime.now(UTC) - timedelta(days=days),
-        exclude_partition=partition_key,
-    )
+    found: dict[tuple[str, str], datetime] = {}
+    if not acting.empty:
+        # Deliveries are stamped with the real time they completed.
+        found.update(
+            ledger.recent_deliveries(
+                playbook=playbook.name,
+                entity_ids=acting["entity_id"].astype(str).tolist(),
+                since=datetime.now(UTC) - timedelta(days=days),
+                exclude_partition=partition_key,
+            )
+        )
+    if not starting.empty:
+        # Instances are stamped with the ledger's clock, the time workflows run by.
+        found.update(
+            ledger.recent_workflow_starts(
+                playbook=playbook.name,
+                entity_ids=starting["entity_id"].astype(str).tolist(),
+                since=ledger.clock() - timedelta(days=days),
+                exclude_partition=partition_key,
+            )
+        )
+    return found

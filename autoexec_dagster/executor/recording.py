@@ -20,7 +20,7 @@ import pandas as pd
 
 from autoexec_dagster.channels.base import Channel
 from autoexec_dagster.executor.report import ExecutionReport
-from autoexec_dagster.keys import escalation_dedupe_key
+from autoexec_dagster.keys import escalation_dedupe_key, workflow_label
 from autoexec_dagster.ledger import payload
 from autoexec_dagster.ledger.action_ledger import ActionLedger
 from autoexec_dagster.ledger.queries import COOLDOWN_DETAIL, STILL_OPEN_DETAIL
@@ -146,6 +146,13 @@ def record_plan(
             last = cooldown.get((entity_all[i], action)) if decision == "act" and action else None
             if last is not None:
                 detail = f"{COOLDOWN_DETAIL} {action} delivered {last:%Y-%m-%d %H:%M} UTC"
+            elif decision == "workflow" and starts and rule_all[i] in starts:
+                workflow = starts[rule_all[i]][0]
+                last = cooldown.get((entity_all[i], workflow_label(workflow)))
+                if last is not None:
+                    detail = (
+                        f"{COOLDOWN_DETAIL} workflow {workflow} started {last:%Y-%m-%d %H:%M} UTC"
+                    )
             if i in open_elsewhere:
                 detail = f"{STILL_OPEN_DETAIL} {open_elsewhere[i]}"
             hold = suppressed.get(i)
@@ -230,6 +237,9 @@ def record_plan(
                 elif decision == "holdout":
                     report.held_out += 1
                     report.count(action, "held_out")
+                elif decision == "workflow" and row["detail"] is not None:
+                    # Started for this entity in another partition within the cooldown.
+                    report.cooled_down += 1
                 elif decision == "workflow":
                     if dry:
                         report.dry_run_workflows += 1
@@ -245,6 +255,7 @@ def record_plan(
             elif (
                 decision == "workflow"
                 and not dry
+                and state == WORKFLOW
                 and not existing_instances.get(row["idempotency_key"], True)
             ):
                 # Recorded by a run that died before starting its instance: start it now.

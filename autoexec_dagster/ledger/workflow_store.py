@@ -116,6 +116,36 @@ class WorkflowStore(LedgerBase):
                 inserted.extend(r[0] for r in conn.execute(statement, values))
         return inserted
 
+    def recent_workflow_starts(
+        self,
+        *,
+        playbook: str,
+        entity_ids: Sequence[str],
+        since: datetime,
+        exclude_partition: str,
+    ) -> dict[tuple[str, str], datetime]:
+        """When each entity last started each workflow since ``since``, in other partitions.
+
+        Keyed ``(entity_id, "workflow:<name>")``, as the cooldown guardrail looks them up.
+        """
+        t = schema.workflow_instances
+        found: dict[tuple[str, str], datetime] = {}
+        with self._read("read recent workflow starts") as conn:
+            for chunk in chunks(list(dict.fromkeys(entity_ids))):
+                rows = conn.execute(
+                    sa.select(t.c.entity_id, t.c.workflow, sa.func.max(t.c.created_at))
+                    .where(
+                        t.c.playbook == playbook,
+                        t.c.entity_id.in_(chunk),
+                        t.c.created_at >= since,
+                        t.c.partition_key != exclude_partition,
+                    )
+                    .group_by(t.c.entity_id, t.c.workflow)
+                )
+                for entity, workflow, last in rows:
+                    found[(str(entity), f"workflow:{workflow}")] = _aware(last) or since
+        return found
+
     def instances_exist(self, instance_ids: Sequence[str]) -> dict[str, bool]:
         """Whether each instance id has an instance (a decision recorded before a crash may not)."""
         t = schema.workflow_instances
@@ -242,8 +272,9 @@ class WorkflowStore(LedgerBase):
         """Correct fields of one step's output of an active instance (a person edits the
         purchase order); returns the step's new output.
 
-        The change is logged on the instance with who and why, and the instance is due at once:
-        an approval whose payload this changes is void, and a new one is requested.
+        The change is logged on the instance with who and why, and the instance is due at once.
+        Its approval requests not yet applied are void in the same transaction (nobody approved
+        the amended payload), so a decision on them is refused; the next advance asks again.
 
         Raises:
             LedgerError: The instance does not exist, is not active, is being advanced right
@@ -292,6 +323,26 @@ class WorkflowStore(LedgerBase):
                     log=payload.dumps_value(log),
                     next_due=moment,
                     updated_at=utcnow(),
+                )
+            )
+            # Nobody approved the amended payload: its open requests are void at once, in this
+            # transaction, so a link or a command line decision on them is refused from now on
+            # (the next advance asks again for the new payload).
+            a = schema.approvals
+            conn.execute(
+                sa.update(a)
+                .where(
+                    a.c.instance_id == instance_id,
+                    a.c.applied_at.is_(None),
+                    a.c.status.in_([schema.PENDING, schema.APPROVED, schema.REJECTED]),
+                )
+                .values(
+                    status=schema.VOID,
+                    decided_at=moment,
+                    decided_by="autoexec",
+                    decided_via="autoexec",
+                    decision_note=f"the payload changed: amended by {by}: {note}"[:500],
+                    applied_at=moment,
                 )
             )
         return outputs[step]

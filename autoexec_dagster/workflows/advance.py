@@ -577,7 +577,11 @@ class _Advancer:
                 else:
                     self._next_step(instance, moment)
             elif state in FINAL_STATES:
-                self._fail(instance, step, error or f"step {step.name!r} ended {state}", moment)
+                # Named like every other step failure: a person must see which call failed.
+                reason = (
+                    f"step {step.name!r}: {error}" if error else f"step {step.name!r} ended {state}"
+                )
+                self._fail(instance, step, reason, moment)
             else:
                 # Held by another live worker, or paused: look again later, repeat nothing.
                 self._wait(instance, moment + _HELD_RETRY, state=instance.state)

@@ -31,6 +31,7 @@ from autoexec_dagster.ledger.schema import (
     VOID,
 )
 from autoexec_dagster.playbook import Playbook
+from autoexec_dagster.workflows.durations import format_duration
 from autoexec_dagster.workflows.instance import Instance
 from autoexec_dagster.workflows.report import WorkflowReport
 from autoexec_dagster.workflows.workflow import Step
@@ -284,7 +285,8 @@ class ApprovalGate:
                     [row["approval_id"] for _, row in expired],
                     status=EXPIRED,
                     by="autoexec (expiry)",
-                    note=f"no decision within {step.approval_expiry}; on_expiry={step.on_expiry}",
+                    note=f"no decision within {format_duration(step.approval_expiry)}; "
+                    f"on_expiry={step.on_expiry}",
                 )
             )
             late = host.ledger.approval_rows(
@@ -343,7 +345,7 @@ class ApprovalGate:
         host = self.host
         host.report.expired += 1
         host.report.count(step.name, "expired")
-        after = f"no decision within {step.approval_expiry}"
+        after = f"no decision within {format_duration(step.approval_expiry)}"
         instance.outputs[step.name] = {
             "status": EXPIRED,
             "on_expiry": step.on_expiry,
