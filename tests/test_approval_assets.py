@@ -14,7 +14,8 @@ def check_results(result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetCheckE
     for event in result.all_events:
         if event.event_type_value == "ASSET_CHECK_EVALUATION":
             evaluation = event.event_specific_data
-            found[evaluation.check_name] = evaluation  # pyright: ignore[reportAttributeAccessIssue]
+            assert isinstance(evaluation, dg.AssetCheckEvaluation)
+            found[evaluation.check_name] = evaluation
     return found
 
 

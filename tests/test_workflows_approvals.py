@@ -73,7 +73,7 @@ def cheapest(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "instance_id": frame["instance_id"],
-            "supplier": prices.idxmin(axis=1).str.removeprefix("price_"),
+            "supplier": prices.idxmin(axis=1).astype(str).str.removeprefix("price_"),
             "unit_price": prices.min(axis=1),
         }
     )

@@ -18,7 +18,7 @@ are evaluated vectorised over every instance that reaches the step together.
 """
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
@@ -132,14 +132,14 @@ class Step(BaseModel):
     wait_until: str | None = None
     transform: Transform | None = None
     approve_when: str | None = None
-    approvers: tuple[str, ...] = ()
+    approvers: Sequence[str] = ()
     min_approvals: int = Field(default=1, ge=1)
     expires_after: Duration | None = None
     on_expiry: OnExpiry = "reject"
     notify: str | None = None
     sla: Duration | None = None
     value: str | None = None
-    approves: tuple[str, ...] | None = None
+    approves: Sequence[str] | None = None
 
     @field_validator("transform")
     @classmethod
@@ -148,9 +148,15 @@ class Step(BaseModel):
             import_transform(value)  # fail at load time, not at the first instance
         return value
 
+    @field_validator("approves")
+    @classmethod
+    def _freeze_approves(cls, value: Sequence[str] | None) -> tuple[str, ...] | None:
+        # A tuple, so the frozen step stays hashable whether a list or a tuple was given.
+        return None if value is None else tuple(value)
+
     @field_validator("approvers")
     @classmethod
-    def _check_approvers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+    def _check_approvers(cls, value: Sequence[str]) -> tuple[str, ...]:
         cleaned = tuple(v.strip() for v in value)
         if any(not v for v in cleaned):
             raise ValueError("approvers: an approver's name is empty")
