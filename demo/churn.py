@@ -15,7 +15,6 @@ Running it again for the same day scores the same data again; the sensor request
 that run sends nothing because the ledger already holds every action: the demo says so.
 """
 
-import datetime as dt
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -33,6 +32,7 @@ from demo.runs import (
     say,
     store_cursor,
     tick,
+    train_once,
 )
 from demo.runs import run_config as make_run_config
 
@@ -123,30 +123,21 @@ def train(instance: "dg.DagsterInstance", *, run_config: Mapping[str, Any]) -> N
     Raises:
         SystemExit: The training run failed.
     """
-    import dagster as dg
-
     from assets import churn_assets, churn_model, raw_customers
 
-    event = instance.get_latest_materialization_event(churn_model.key)
-    if event is not None:
-        when = dt.datetime.fromtimestamp(event.timestamp).strftime("%Y-%m-%d %H:%M")
-        say(f"training: churn_model already trained ({when}), reusing it")
-        return
-    say("training: generating 50,000 labelled customers and training the churn model")
-    result = dg.materialize(
-        churn_assets,
+    metadata = train_once(
+        instance,
+        assets=churn_assets,
         selection=[raw_customers, churn_model],
-        instance=instance,
+        model=churn_model,
+        announce="training: generating 50,000 labelled customers and training the churn model",
         run_config=run_config,
-        raise_on_error=False,
     )
-    if not result.success:
-        raise SystemExit(f"training failed: see run {result.run_id} in the Dagster UI")
-    metadata = result.asset_materializations_for_node("churn_model")[0].metadata
-    say(
-        f"training: churn_model ROC AUC {metadata['roc_auc'].value:.3f} on "
-        f"{metadata['test_rows'].value:,} held-out customers"
-    )
+    if metadata is not None:
+        say(
+            f"training: churn_model ROC AUC {metadata['roc_auc']:.3f} on "
+            f"{metadata['test_rows']:,} held-out customers"
+        )
 
 
 def score(

@@ -48,6 +48,7 @@ from demo.runs import (
     say,
     store_cursor,
     tick,
+    train_once,
 )
 from demo.runs import run_config as make_run_config
 
@@ -337,31 +338,22 @@ def train(instance: "dg.DagsterInstance", *, run_config: Mapping[str, Any]) -> N
     Raises:
         SystemExit: The training run failed.
     """
-    import dagster as dg
-
     from assets import host_anomaly_model, host_assets, host_metrics_history
 
-    event = instance.get_latest_materialization_event(host_anomaly_model.key)
-    if event is not None:
-        when = dt.datetime.fromtimestamp(event.timestamp).strftime("%Y-%m-%d %H:%M")
-        say(f"training: host_anomaly_model already trained ({when}), reusing it")
-        return
-    say("training: 48 fault-free hours of 2,000 hosts; an IsolationForest on them")
-    result = dg.materialize(
-        host_assets,
+    metadata = train_once(
+        instance,
+        assets=host_assets,
         selection=[host_metrics_history, host_anomaly_model],
-        instance=instance,
+        model=host_anomaly_model,
+        announce="training: 48 fault-free hours of 2,000 hosts; an IsolationForest on them",
         run_config=run_config,
-        raise_on_error=False,
     )
-    if not result.success:
-        raise SystemExit(f"training failed: see run {result.run_id} in the Dagster UI")
-    metadata = result.asset_materializations_for_node("host_anomaly_model")[0].metadata
-    say(
-        f"training: host_anomaly_model precision {metadata['precision_at_threshold'].value:.2f}, "
-        f"recall {metadata['recall_at_threshold'].value:.2f} at anomaly_score >= 0.8, on "
-        f"{metadata['evaluation_faults'].value:,} injected faults in 24 hours it never saw"
-    )
+    if metadata is not None:
+        say(
+            f"training: host_anomaly_model precision {metadata['precision_at_threshold']:.2f}, "
+            f"recall {metadata['recall_at_threshold']:.2f} at anomaly_score >= 0.8, on "
+            f"{metadata['evaluation_faults']:,} injected faults in 24 hours it never saw"
+        )
 
 
 def score(

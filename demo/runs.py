@@ -141,6 +141,49 @@ def execute_request(
     return run
 
 
+def train_once(
+    instance: "dg.DagsterInstance",
+    *,
+    assets: "list[Any]",
+    selection: "list[Any]",
+    model: Any,
+    announce: str,
+    run_config: Mapping[str, Any],
+) -> Mapping[str, Any] | None:
+    """Materialize a story's training assets unless its model was trained before.
+
+    Args:
+        instance: The demo's Dagster instance.
+        assets: The story's assets.
+        selection: The assets to materialize (the history and the model).
+        model: The model asset; an existing materialization of it means "trained".
+        announce: The progress line printed before training.
+        run_config: Run config of the training run.
+
+    Returns:
+        The model's materialization metadata values, or None when it was trained before.
+
+    Raises:
+        SystemExit: The training run failed.
+    """
+    import dagster as dg
+
+    name = model.key.to_user_string()
+    event = instance.get_latest_materialization_event(model.key)
+    if event is not None:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(event.timestamp))
+        say(f"training: {name} already trained ({when}), reusing it")
+        return None
+    say(announce)
+    result = dg.materialize(
+        assets, selection=selection, instance=instance, run_config=run_config, raise_on_error=False
+    )
+    if not result.success:
+        raise SystemExit(f"training failed: see run {result.run_id} in the Dagster UI")
+    metadata = result.asset_materializations_for_node(name)[0].metadata
+    return {key: value.value for key, value in metadata.items()}
+
+
 def project_ledger_url() -> str:
     """The ledger the CLI finds by itself when run from the project folder."""
     from demo import PROJECT_DIR

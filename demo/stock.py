@@ -65,6 +65,7 @@ from demo.runs import (
     say,
     store_cursor,
     tick,
+    train_once,
 )
 from demo.runs import run_config as make_run_config
 
@@ -283,30 +284,21 @@ def train(instance: "dg.DagsterInstance", *, run_config: Mapping[str, Any]) -> N
     Raises:
         SystemExit: The training run failed.
     """
-    import dagster as dg
-
     from assets import demand_forecast_model, sales_history, stock_assets
 
-    event = instance.get_latest_materialization_event(demand_forecast_model.key)
-    if event is not None:
-        when = dt.datetime.fromtimestamp(event.timestamp).strftime("%Y-%m-%d %H:%M")
-        say(f"training: demand_forecast_model already trained ({when}), reusing it")
-        return
-    say("training: a year of daily sales of 500 SKUs; a gradient-boosted demand forecast")
-    result = dg.materialize(
-        stock_assets,
+    metadata = train_once(
+        instance,
+        assets=stock_assets,
         selection=[sales_history, demand_forecast_model],
-        instance=instance,
+        model=demand_forecast_model,
+        announce="training: a year of daily sales of 500 SKUs; a gradient-boosted demand forecast",
         run_config=run_config,
-        raise_on_error=False,
     )
-    if not result.success:
-        raise SystemExit(f"training failed: see run {result.run_id} in the Dagster UI")
-    metadata = result.asset_materializations_for_node("demand_forecast_model")[0].metadata
-    say(
-        f"training: demand_forecast_model WAPE {metadata['wape'].value:.3f} over each SKU's lead "
-        f"time, against {metadata['baseline_wape'].value:.3f} for seasonal naive"
-    )
+    if metadata is not None:
+        say(
+            f"training: demand_forecast_model WAPE {metadata['wape']:.3f} over each SKU's lead "
+            f"time, against {metadata['baseline_wape']:.3f} for seasonal naive"
+        )
 
 
 def score(
