@@ -77,6 +77,10 @@ def approvals_summary(
         pending = ledger.pending_approvals(playbook=playbook, partition_key=partition_key)
         due = pending["sla_due_at"].dropna()
         summary["sla_overdue"] = int((due <= pd.Timestamp(now)).sum())
+    # Values are money or quantities: a sum of floats shows as 16295.939999999999 otherwise.
+    for key, value in summary.items():
+        if key.endswith("_value"):
+            summary[key] = round(float(value), 2)
     return summary
 
 
