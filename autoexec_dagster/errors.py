@@ -70,3 +70,10 @@ class PermanentChannelError(ChannelError):
 
     def __init__(self, message: str):
         super().__init__(message, retryable=False)
+
+
+class ExperimentError(AutoexecError, ValueError):
+    """An experiment or its outcomes cannot be used as given: a metric the outcomes lack or that
+    is not numeric, outcome rows repeated on (entity, time), a variant that overrides a field its
+    channel does not have, two experiments on one action, or variants changed while the
+    experiment runs. Nothing is written when it is raised."""

@@ -27,6 +27,8 @@ from pydantic import (
 )
 
 from autoexec_dagster.errors import PlaybookError
+from autoexec_dagster.experiments.experiment import Experiment
+from autoexec_dagster.experiments.outcome_metric import OutcomeMetric
 from autoexec_dagster.expressions import NAME_RE, ParsedExpression, parse_expression
 from autoexec_dagster.workflows.workflow import Workflow
 
@@ -53,6 +55,8 @@ class Rule(BaseModel):
         skip: Matching entities are deliberately left alone (and later rules do not see them).
         reason: Why this rule acts, shown in plans and summaries; defaults to the expression.
         columns: For callable rules, the columns the callable reads (checked before routing).
+        experiment: Variants of the rule's action tested against a control (an
+            :class:`~autoexec_dagster.Experiment`); only with ``action``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
@@ -65,6 +69,7 @@ class Rule(BaseModel):
     skip: bool = False
     reason: str | None = None
     columns: tuple[str, ...] = ()
+    experiment: Experiment | None = None
 
     @field_validator("name")
     @classmethod
@@ -102,6 +107,11 @@ class Rule(BaseModel):
             )
         if self.escalate is not None and not self.escalate.strip():
             raise ValueError(f"rule {self.name!r}: the escalation reason is empty")
+        if self.experiment is not None and self.decision != "act":
+            raise ValueError(
+                f"rule {self.name!r}: an experiment varies an action; it needs 'action' and "
+                "cannot come with 'escalate', 'workflow' or 'skip'"
+            )
         if isinstance(self.when, str):
             try:
                 parse_expression(self.when, rule=self.name)
@@ -159,6 +169,13 @@ class Rule(BaseModel):
             "workflow": self.workflow,
             "escalate": self.escalate,
             "skip": self.skip,
+            # The experiment's name and variants, not its thresholds: tuning the stopping rule
+            # must not make every routed plan stale.
+            **(
+                {"experiment": [self.experiment.name, self.experiment.digest()]}
+                if self.experiment is not None
+                else {}
+            ),
         }
 
 
@@ -207,6 +224,8 @@ class Playbook(BaseModel):
         score_ranges: Inclusive ``[low, high]`` range per numeric column, checked before routing.
         personal_columns: Columns masked in metadata previews (emails, names, phone numbers).
         workflows: Named multi-step workflows that rules may start (``Rule(workflow=...)``).
+        outcome: The outcome the playbook's actions are judged by against the holdout (uplift),
+            for actions without an experiment (an experiment's own metric judges its action).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -222,6 +241,7 @@ class Playbook(BaseModel):
     required_columns: tuple[str, ...] = ()
     score_ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)
     personal_columns: tuple[str, ...] = ("email", "name", "phone", "address")
+    outcome: OutcomeMetric | None = None
 
     @field_validator("name")
     @classmethod
@@ -265,6 +285,20 @@ class Playbook(BaseModel):
                     f"workflow name {name!r} must start with a letter and hold only letters, "
                     "digits and underscores"
                 )
+        experiments: dict[str, str] = {}
+        for rule in self.rules:
+            if rule.experiment is None or rule.action is None:
+                continue
+            other = experiments.get(rule.action)
+            if other is not None:
+                raise ValueError(
+                    f"two experiments on action {rule.action!r} at once (rules {other!r} and "
+                    f"{rule.name!r}); one action runs one experiment at a time"
+                )
+            experiments[rule.action] = rule.name
+        names = [r.experiment.name for r in self.rules if r.experiment is not None]
+        if len(names) != len(set(names)):
+            raise ValueError(f"experiment names must be unique in a playbook, got {names}")
         used = {rule.workflow for rule in self.rules if rule.workflow is not None}
         unknown = sorted(used - set(self.workflows))
         if unknown:
@@ -307,6 +341,14 @@ class Playbook(BaseModel):
             if rule.workflow is not None:
                 names.extend(self.workflows[rule.workflow].actions)
         return list(dict.fromkeys(names))
+
+    def experiments(self) -> dict[str, "tuple[Rule, Experiment]"]:
+        """Experiment name -> the rule that runs it and the experiment."""
+        return {
+            rule.experiment.name: (rule, rule.experiment)
+            for rule in self.rules
+            if rule.experiment is not None
+        }
 
     def rule(self, name: str) -> Rule:
         """The rule called ``name``.
@@ -426,3 +468,22 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
 def proposes_actions(playbook: Playbook) -> bool:
     """Whether a rule escalates with an action a person can approve."""
     return any(rule.escalate is not None and rule.action is not None for rule in playbook.rules)
+
+
+def measured_actions(playbook: Playbook) -> frozenset[str]:
+    """Actions whose exposures are recorded for outcomes: every action of the playbook when it
+    names an outcome metric, else the actions that run an experiment."""
+    if playbook.outcome is not None:
+        return frozenset(r.action for r in playbook.rules if r.action is not None)
+    return frozenset(
+        r.action for r in playbook.rules if r.experiment is not None and r.action is not None
+    )
+
+
+def experiments_by_action(playbook: Playbook) -> dict[str, Experiment]:
+    """Action -> the experiment that varies it."""
+    return {
+        r.action: r.experiment
+        for r in playbook.rules
+        if r.experiment is not None and r.action is not None
+    }

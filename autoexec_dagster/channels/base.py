@@ -46,6 +46,8 @@ class ActionRequest:
         rule: The rule that chose this action.
         data: The entity's row from the plan (input columns plus routing columns).
         attempt: 1 for the first attempt, 2 for the first retry, and so on.
+        variant: The experiment variant the request is sent with (its overrides are already
+            applied to the channel's fields), or None outside experiments.
     """
 
     idempotency_key: str
@@ -58,6 +60,7 @@ class ActionRequest:
     rule: str
     data: Mapping[str, Any] = field(default_factory=dict)
     attempt: int = 1
+    variant: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

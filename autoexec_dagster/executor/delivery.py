@@ -119,6 +119,7 @@ def _request(item: WorkItem) -> ActionRequest:
         partition_key=item.partition_key,
         rule=item.rule,
         data=item.data,
+        variant=item.variant,
     )
 
 

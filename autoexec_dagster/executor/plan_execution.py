@@ -37,8 +37,16 @@ from autoexec_dagster.executor.guardrails import (
 from autoexec_dagster.executor.outside_loop import run_outside_loop
 from autoexec_dagster.executor.recording import entity_data, record_plan
 from autoexec_dagster.executor.report import ExecutionReport
+from autoexec_dagster.experiments.experiment import Experiment
+from autoexec_dagster.experiments.variant_channel import with_variants
 from autoexec_dagster.ledger.action_ledger import ActionLedger
-from autoexec_dagster.playbook import Playbook, proposes_actions
+from autoexec_dagster.ledger.experiment_store import ExperimentState
+from autoexec_dagster.playbook import (
+    Playbook,
+    experiments_by_action,
+    measured_actions,
+    proposes_actions,
+)
 from autoexec_dagster.routing import PLAN_ATTRS, rekey
 from autoexec_dagster.workflows.advance import (
     WorkflowReport,
@@ -142,6 +150,8 @@ async def execute_plan_async(
     if not isinstance(plan, pd.DataFrame):
         raise PlanError(f"the plan must be a DataFrame from route(), got {type(plan).__name__}")
     out = log or logger
+    # Before anything is recorded: a variant overriding a field its channel lacks is refused.
+    channels = with_variants(channels, experiments_by_action(playbook))
     prepared = await asyncio.to_thread(
         _prepare,
         plan,
@@ -280,6 +290,8 @@ def _prepare(
         dry=dry,
         cooldown=cooldown,
         starts=starts,
+        experiments={} if dry else _start_experiments(ledger, playbook, keyed, act_positions),
+        measured=measured_actions(playbook),
     )
     if report.already_done:
         versions = ledger.partition_versions(playbook=playbook.name, partition_key=partition)
@@ -289,6 +301,26 @@ def _prepare(
     if not dry and to_send:
         _recover(ledger, keyed, report, to_send, info=info, log=log)
     return report, to_send
+
+
+def _start_experiments(
+    ledger: ActionLedger, playbook: Playbook, keyed: pd.DataFrame, act_positions: np.ndarray
+) -> dict[str, tuple[Experiment, ExperimentState]]:
+    """Rule name -> experiment and ledger state, for the experiments this plan's actions reach
+    (started in the ledger the first time)."""
+    rules = {r.name: r for r in playbook.rules if r.experiment is not None}
+    if not rules or not len(act_positions):
+        return {}
+    acting = set(keyed["rule"].iloc[act_positions].astype(str).unique())
+    out: dict[str, tuple[Experiment, ExperimentState]] = {}
+    for name in sorted(acting & set(rules)):
+        rule = rules[name]
+        assert rule.experiment is not None and rule.action is not None
+        state = ledger.start_experiment(
+            playbook=playbook.name, experiment=rule.experiment, rule=name, action=rule.action
+        )
+        out[name] = (rule.experiment, state)
+    return out
 
 
 def _recover(

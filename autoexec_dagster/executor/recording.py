@@ -11,7 +11,7 @@ with who suppressed it and until when. A rule escalation that proposes an action
 """
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -20,17 +20,21 @@ import pandas as pd
 
 from autoexec_dagster.channels.base import Channel
 from autoexec_dagster.executor.report import ExecutionReport
+from autoexec_dagster.experiments.experiment import Experiment
 from autoexec_dagster.keys import escalation_dedupe_key, workflow_label
 from autoexec_dagster.ledger import payload
 from autoexec_dagster.ledger.action_ledger import ActionLedger
+from autoexec_dagster.ledger.experiment_store import ExperimentState
 from autoexec_dagster.ledger.queries import COOLDOWN_DETAIL, STILL_OPEN_DETAIL
 from autoexec_dagster.ledger.schema import (
     DRY_RUN,
     ESCALATED,
     FINAL_STATES,
     HELD_OUT,
+    HOLDOUT,
     RESERVED,
     SKIPPED,
+    TREATED,
     WORKFLOW,
 )
 from autoexec_dagster.ledger.suppressions import Suppression
@@ -70,6 +74,8 @@ def record_plan(
     dry: bool,
     cooldown: Mapping[tuple[str, str], datetime],
     starts: Mapping[str, tuple[str, Workflow]] | None = None,
+    experiments: Mapping[str, tuple[Experiment, ExperimentState]] | None = None,
+    measured: Collection[str] = (),
 ) -> dict[str, list[str]]:
     """Record every entity in the ledger; return the keys still to send, per action.
 
@@ -81,6 +87,11 @@ def record_plan(
     decision, due at once. An entity suppressed in the playbook (by the ledger's clock) gets no
     action, workflow or escalation: its row is recorded as skipped, naming who suppressed it and
     until when, and a pending action an earlier run left for it is skipped, not sent.
+
+    An action whose rule runs an experiment (``experiments``: rule name -> the experiment and its
+    ledger state) is assigned its variant here, sticky per entity, and the row records it. For
+    the actions in ``measured`` each new action and holdout row is recorded as an exposure, the
+    unit outcomes are joined to.
     """
     info = keyed.attrs[PLAN_ATTRS]
     partition = info["partition_key"] or ""
@@ -138,6 +149,11 @@ def record_plan(
         data = dict(
             zip(sending, keyed.iloc[sending].to_dict("records"), strict=True) if sending else ()
         )
+        variants = (
+            _assign(ledger, info, sending, entity_all, rule_all, experiments)
+            if experiments and sending
+            else {}
+        )
         rows: list[dict[str, Any]] = []
         for i in positions:
             decision = decision_all[i]
@@ -178,6 +194,7 @@ def record_plan(
                 "state": state,
                 "delivery": delivery.get(action or "", "at_least_once"),
                 "detail": detail,
+                "variant": variants[i][0] if i in variants else None,
             }
             if i in data:
                 row["data"] = data[i]
@@ -264,6 +281,16 @@ def record_plan(
                 report.already_done += 1
                 if decision == "act":
                     report.count(action, "already_done")
+        if measured and not dry:
+            _record_exposures(
+                ledger,
+                rows,
+                inserted,
+                info=info,
+                measured=measured,
+                variants={rows[p - start]["idempotency_key"]: v for p, v in variants.items()},
+                experiments=experiments or {},
+            )
         if stale:
             ledger.skip_suppressed(stale)
         if new_instances:
@@ -287,6 +314,76 @@ def record_plan(
                 reasons=reason_all,
             )
     return to_send
+
+
+def _assign(
+    ledger: ActionLedger,
+    info: Mapping[str, Any],
+    sending: list[int],
+    entity_all: np.ndarray,
+    rule_all: np.ndarray,
+    experiments: Mapping[str, tuple[Experiment, ExperimentState]],
+) -> dict[int, tuple[str, bool]]:
+    """Position -> (variant, counted in the test) for the actions of experiment rules."""
+    out: dict[int, tuple[str, bool]] = {}
+    by_rule: dict[str, list[int]] = {}
+    for i in sending:
+        if rule_all[i] in experiments:
+            by_rule.setdefault(str(rule_all[i]), []).append(i)
+    for rule, positions in by_rule.items():
+        experiment, state = experiments[rule]
+        assigned = ledger.assign_variants(
+            playbook=info["playbook"],
+            experiment=experiment,
+            state=state,
+            entity_ids=[str(entity_all[i]) for i in positions],
+            period=info["partition_key"] or "",
+        )
+        for i in positions:
+            out[i] = assigned[str(entity_all[i])]
+    return out
+
+
+def _record_exposures(
+    ledger: ActionLedger,
+    rows: list[dict[str, Any]],
+    inserted: set[str],
+    *,
+    info: Mapping[str, Any],
+    measured: Collection[str],
+    variants: Mapping[str, tuple[str, bool]],
+    experiments: Mapping[str, tuple[Experiment, ExperimentState]],
+) -> None:
+    """Exposures of the rows this call inserted: new actions (with their variant) and holdouts."""
+    running = {
+        state.action: experiment.name for experiment, state in experiments.values() if state.active
+    }
+    exposures = []
+    for row in rows:
+        key = row["idempotency_key"]
+        action = row["action"]
+        if key not in inserted or action not in measured:
+            continue
+        if row["state"] == RESERVED:
+            variant, counted = variants.get(key, (None, False))
+            arm = variant or TREATED
+            experiment = running.get(action, "") if counted else ""
+        elif row["state"] == HELD_OUT:
+            arm, experiment = HOLDOUT, running.get(action, "")
+        else:
+            continue
+        exposures.append(
+            {
+                "playbook": info["playbook"],
+                "action": action,
+                "entity_id": str(row["entity_id"]),
+                "partition_key": info["partition_key"] or "",
+                "arm": arm,
+                "experiment": experiment,
+                "idempotency_key": key,
+            }
+        )
+    ledger.record_exposures(exposures)
 
 
 def _start_instances(

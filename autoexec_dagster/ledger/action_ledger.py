@@ -9,6 +9,8 @@
 - :mod:`~autoexec_dagster.ledger.controls`: the kill switch;
 - :mod:`~autoexec_dagster.ledger.workflow_store`: workflow instances, claimed when due;
 - :mod:`~autoexec_dagster.ledger.approvals`: approval requests and each approver's decision;
+- :mod:`~autoexec_dagster.ledger.experiment_store`: experiments, sticky assignments, exposures
+  and outcomes;
 - :mod:`~autoexec_dagster.ledger.queries`: the reads that metadata and the command line use.
 """
 
@@ -16,6 +18,7 @@ from autoexec_dagster.ledger.approvals import ApprovalStore
 from autoexec_dagster.ledger.controls import Controls
 from autoexec_dagster.ledger.engine import DEFAULT_LEDGER_URL
 from autoexec_dagster.ledger.escalations import Escalations
+from autoexec_dagster.ledger.experiment_store import ExperimentStore
 from autoexec_dagster.ledger.liveness import new_worker_id
 from autoexec_dagster.ledger.outbox import Outbox, Outcome, WorkItem
 from autoexec_dagster.ledger.queries import LedgerQueries
@@ -26,7 +29,14 @@ __all__ = ["DEFAULT_LEDGER_URL", "ActionLedger", "Outcome", "WorkItem", "new_wor
 
 
 class ActionLedger(
-    Outbox, Suppressions, Escalations, Controls, WorkflowStore, ApprovalStore, LedgerQueries
+    Outbox,
+    Suppressions,
+    Escalations,
+    Controls,
+    WorkflowStore,
+    ApprovalStore,
+    ExperimentStore,
+    LedgerQueries,
 ):
     """Durable record of every action, backed by SQLite (default) or PostgreSQL.
 

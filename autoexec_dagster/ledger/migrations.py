@@ -201,4 +201,18 @@ def _to_v3(conn: sa.Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
-MIGRATIONS: dict[int, Migration] = {1: _to_v2, 2: _to_v3}
+def _to_v4(conn: sa.Connection) -> None:
+    """Experiments, assignments, periods and their events; exposures; outcomes; action variants."""
+    conn.execute(sa.text("ALTER TABLE autoexec_actions ADD COLUMN variant TEXT"))
+    for table in (
+        schema.experiments,
+        schema.experiment_assignments,
+        schema.experiment_periods,
+        schema.experiment_events,
+        schema.exposures,
+        schema.outcomes,
+    ):
+        table.create(conn, checkfirst=True)
+
+
+MIGRATIONS: dict[int, Migration] = {1: _to_v2, 2: _to_v3, 3: _to_v4}

@@ -41,6 +41,7 @@ class WorkItem:
         rule: The rule that chose the action.
         delivery: ``at_least_once`` or ``at_most_once``.
         data: The request's entity data, as reserved.
+        variant: The experiment variant it is sent with, if any.
     """
 
     key: str
@@ -53,6 +54,7 @@ class WorkItem:
     rule: str
     delivery: str
     data: Mapping[str, Any] = field(default_factory=dict)
+    variant: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +225,7 @@ class Outbox(LedgerBase):
             t.c.rule,
             t.c.delivery,
             t.c.payload,
+            t.c.variant,
         )
         claimed: list[WorkItem] = []
         with self._write("claim actions") as conn:
@@ -251,6 +254,7 @@ class Outbox(LedgerBase):
                     rule,
                     mode,
                     data,
+                    variant,
                 ) in result:
                     claimed.append(
                         WorkItem(
@@ -264,6 +268,7 @@ class Outbox(LedgerBase):
                             rule=rule,
                             delivery=mode,
                             data=payload.loads(data),
+                            variant=variant,
                         )
                     )
         return claimed

@@ -11,11 +11,15 @@ table, and their step attempts are actions that name their ``instance_id`` and `
 Version 3: approval requests of workflow approval steps and each approver's decision; an
 escalation may carry a proposed action and records how it was decided; suppressions keep an
 entity out of a playbook's actions and escalations for a while.
+
+Version 4: experiments (their state and weights, each period's weights, every decision with its
+evidence), sticky variant assignments, the exposures outcomes are joined to (treated, variant or
+held out, by the ledger's clock), the outcomes themselves, and the variant on each action.
 """
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 OPEN = "open"
 RESOLVED = "resolved"
 
@@ -111,6 +115,8 @@ actions = sa.Table(
     # For workflow step attempts: the instance and the step.
     sa.Column("instance_id", sa.String(80)),
     sa.Column("step", sa.String(100)),
+    # The experiment variant whose channel overrides this action was sent with.
+    sa.Column("variant", sa.String(100)),
     sa.Column("detail", sa.String(500)),
     sa.Column("error", sa.Text),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
@@ -312,4 +318,112 @@ suppressions = sa.Table(
     sa.Column("via", sa.String(32)),
     sa.Column("escalation_key", sa.String(80)),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Experiment states: running until a variant is promoted (or awaiting a person's approval of the
+# promotion), or stopped when every variant crossed a guardrail.
+RUNNING_EXPERIMENT = "running"
+AWAITING_APPROVAL = "awaiting_approval"
+PROMOTED = "promoted"
+STOPPED = "stopped"
+# Variant states.
+LIVE = "live"
+ARCHIVED = "archived"
+# Exposure arms besides the variants: an action without an experiment, and the holdout.
+TREATED = "treated"
+HOLDOUT = "holdout"
+
+experiments = sa.Table(
+    "autoexec_experiments",
+    metadata,
+    sa.Column("playbook", sa.String(100), primary_key=True),
+    sa.Column("experiment", sa.String(100), primary_key=True),
+    sa.Column("action", sa.String(100), nullable=False),
+    sa.Column("rule", sa.String(100), nullable=False),
+    # Of the variants and control: they may not change while the experiment runs.
+    sa.Column("digest", sa.String(64), nullable=False),
+    sa.Column("control", sa.String(100), nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("winner", sa.String(100)),
+    # JSON: variant -> weight in force, and variant -> live | promoted | archived | stopped.
+    sa.Column("weights", sa.Text, nullable=False),
+    sa.Column("weights_reason", sa.Text),
+    sa.Column("variant_status", sa.Text, nullable=False),
+    # Bumped on every update, so two concurrent updates cannot both apply.
+    sa.Column("revision", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("approval_id", sa.String(80)),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("decided_at", sa.DateTime(timezone=True)),
+    sa.Index("ix_autoexec_experiments_action", "playbook", "action", "status"),
+)
+
+experiment_assignments = sa.Table(
+    "autoexec_experiment_assignments",
+    metadata,
+    # One variant per entity for the experiment's life: the primary key makes it sticky.
+    sa.Column("playbook", sa.String(100), primary_key=True),
+    sa.Column("experiment", sa.String(100), primary_key=True),
+    sa.Column("entity_id", sa.String(300), primary_key=True),
+    sa.Column("variant", sa.String(100), nullable=False),
+    # The partition (period) the entity was first assigned in, under that period's weights.
+    sa.Column("period", sa.String(200), nullable=False),
+    sa.Column("assigned_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_autoexec_assignments_period", "playbook", "experiment", "period"),
+)
+
+experiment_periods = sa.Table(
+    "autoexec_experiment_periods",
+    metadata,
+    # The weights new assignments of a period were drawn with (the sample-ratio check's design).
+    sa.Column("playbook", sa.String(100), primary_key=True),
+    sa.Column("experiment", sa.String(100), primary_key=True),
+    sa.Column("period", sa.String(200), primary_key=True),
+    sa.Column("weights", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+experiment_events = sa.Table(
+    "autoexec_experiment_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("playbook", sa.String(100), nullable=False),
+    sa.Column("experiment", sa.String(100), nullable=False),
+    # started, weights, promoted, archived, stopped, approval_requested, ...
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("variant", sa.String(100)),
+    sa.Column("detail", sa.Text, nullable=False),
+    # JSON: the figures the decision was taken on.
+    sa.Column("evidence", sa.Text, nullable=False, server_default="{}"),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_autoexec_experiment_events", "playbook", "experiment", "id"),
+)
+
+exposures = sa.Table(
+    "autoexec_exposures",
+    metadata,
+    # One per entity, action and partition: outcomes are joined to it within a window.
+    sa.Column("playbook", sa.String(100), primary_key=True),
+    sa.Column("action", sa.String(100), primary_key=True),
+    sa.Column("entity_id", sa.String(300), primary_key=True),
+    sa.Column("partition_key", sa.String(200), primary_key=True),
+    # A variant, "treated" (no experiment) or "holdout".
+    sa.Column("arm", sa.String(100), nullable=False),
+    # The experiment the exposure counts in ("" when none, or after the experiment decided).
+    sa.Column("experiment", sa.String(100), nullable=False, server_default=""),
+    sa.Column("exposed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("idempotency_key", sa.String(80), nullable=False),
+    sa.Index("ix_autoexec_exposures_experiment", "playbook", "experiment"),
+)
+
+outcomes = sa.Table(
+    "autoexec_outcomes",
+    metadata,
+    sa.Column("playbook", sa.String(100), primary_key=True),
+    sa.Column("entity_id", sa.String(300), primary_key=True),
+    sa.Column("occurred_at", sa.DateTime(timezone=True), primary_key=True),
+    sa.Column("metric", sa.String(100), primary_key=True),
+    sa.Column("value", sa.Float, nullable=False),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
 )

@@ -1,0 +1,1 @@
+"""Experiments: variants of an action tested against a control and the holdout, and the outcomes they are judged by."""
