@@ -22,6 +22,7 @@ from autoexec_dagster.errors import (
     ChannelConfigError,
     ChannelError,
     EscalationError,
+    ExperimentError,
     InsightValidationError,
     LedgerError,
     PermanentChannelError,
@@ -35,6 +36,9 @@ from autoexec_dagster.executor.escalation_actions import (
 )
 from autoexec_dagster.executor.plan_execution import Progress, execute_plan, execute_plan_async
 from autoexec_dagster.executor.report import ExecutionReport
+from autoexec_dagster.experiments.experiment import Experiment, PromoteWhen
+from autoexec_dagster.experiments.outcome_metric import OutcomeMetric
+from autoexec_dagster.experiments.update import ExperimentResult, update_experiment
 from autoexec_dagster.ledger.action_ledger import ActionLedger
 from autoexec_dagster.playbook import Guardrails, Playbook, Rule
 from autoexec_dagster.routing import route, validate_insight
@@ -62,14 +66,19 @@ __all__ = [
     "ExecuteFn",
     "ExecutionComponent",
     "ExecutionReport",
+    "Experiment",
+    "ExperimentError",
+    "ExperimentResult",
     "Guardrails",
     "InsightValidationError",
     "LedgerError",
+    "OutcomeMetric",
     "PermanentChannelError",
     "PlanError",
     "Playbook",
     "PlaybookError",
     "Progress",
+    "PromoteWhen",
     "PythonChannel",
     "Rule",
     "Sender",
@@ -91,6 +100,7 @@ __all__ = [
     "execute_plan_async",
     "flagged_metadata",
     "route",
+    "update_experiment",
     "validate_insight",
     "verify_signature",
 ]
