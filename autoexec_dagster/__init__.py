@@ -38,7 +38,12 @@ from autoexec_dagster.executor.plan_execution import Progress, execute_plan, exe
 from autoexec_dagster.executor.report import ExecutionReport
 from autoexec_dagster.experiments.experiment import Experiment, PromoteWhen
 from autoexec_dagster.experiments.outcome_metric import OutcomeMetric
-from autoexec_dagster.experiments.update import ExperimentResult, update_experiment
+from autoexec_dagster.experiments.update import (
+    ExperimentResult,
+    record_outcomes,
+    update_experiment,
+)
+from autoexec_dagster.experiments.uplift import uplift
 from autoexec_dagster.ledger.action_ledger import ActionLedger
 from autoexec_dagster.playbook import Guardrails, Playbook, Rule
 from autoexec_dagster.routing import route, validate_insight
@@ -99,8 +104,10 @@ __all__ = [
     "execute_plan",
     "execute_plan_async",
     "flagged_metadata",
+    "record_outcomes",
     "route",
     "update_experiment",
+    "uplift",
     "validate_insight",
     "verify_signature",
 ]

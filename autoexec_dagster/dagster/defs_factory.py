@@ -52,10 +52,12 @@ from autoexec_dagster.dagster.insight_sensor import (
 )
 from autoexec_dagster.dagster.ledger_resource import LedgerHandle
 from autoexec_dagster.dagster.metadata import PREVIEW_ROWS
+from autoexec_dagster.dagster.outcome_assets import build_outcome_defs
 from autoexec_dagster.dagster.workflow_sensor import build_workflow_sensor
 from autoexec_dagster.errors import ChannelConfigError, PlaybookError
+from autoexec_dagster.experiments.experiment import check_variant_fields
 from autoexec_dagster.ledger.action_ledger import ActionLedger
-from autoexec_dagster.playbook import Playbook, proposes_actions
+from autoexec_dagster.playbook import Playbook, experiments_by_action, proposes_actions
 
 InsightRef = dg.AssetKey | str | Sequence[str] | dg.AssetsDefinition | dg.AssetSpec
 
@@ -185,6 +187,7 @@ def check_channels(playbook: Playbook, channels: Mapping[str, Channel]) -> None:
     Raises:
         ChannelConfigError: An action has no channel, or a value is not a Channel; raised when
             definitions load rather than in the first run.
+        ExperimentError: An experiment's variant overrides a field its channel does not have.
     """
     for action, channel in channels.items():
         if not isinstance(channel, Channel):
@@ -206,6 +209,8 @@ def check_channels(playbook: Playbook, channels: Mapping[str, Channel]) -> None:
             f"playbook {playbook.name!r} has no channel for action(s) {detail}; channels given: "
             f"{sorted(channels) or 'none'}"
         )
+    for action, experiment in experiments_by_action(playbook).items():
+        check_variant_fields(experiment, channels[action], action=action)
 
 
 def build_execution_defs(
@@ -229,6 +234,7 @@ def build_execution_defs(
     workflow_sensor_interval_seconds: int | None = None,
     ledger_clock: Callable[[], datetime] | None = None,
     approval_links: ApprovalLinks | None = None,
+    outcomes: InsightRef | None = None,
 ) -> dg.Definitions:
     """Definitions that execute a playbook on every new partition of an insight asset.
 
@@ -275,6 +281,12 @@ def build_execution_defs(
         approval_links: Where ``autoexec serve`` listens and the secret approval links are
             signed with (:class:`~autoexec_dagster.ApprovalLinks`, e.g. ``ApprovalLinks.
             from_env()``); approver notifications then carry signed approve and reject links.
+        outcomes: An outcome asset (same kinds of reference as ``insight``; one row per entity
+            and time, the playbook's entity key, ``occurred_at`` and metric columns), loaded as a
+            DataFrame. Adds ``<playbook>/experiment`` and ``<playbook>/learnings`` (when a rule
+            runs an experiment) and ``<playbook>/uplift`` with the ``<playbook>_uplift`` check,
+            partitioned like the outcome asset; the job ``<playbook>_outcomes_job``; and the
+            sensor ``<playbook>_outcomes_sensor``, which runs it for each new outcome partition.
 
     Returns:
         Definitions holding the execution assets ``<playbook>/plan``, ``<playbook>/actions``
@@ -385,10 +397,29 @@ def build_execution_defs(
         if schedule
         else []
     )
+    all_assets: list[dg.AssetsDefinition] = [assets]
+    jobs = [job]
+    if outcomes is not None:
+        outcomes_key, outcome_partitions = resolve_insight(outcomes)
+        if not (book.experiments() or book.outcome is not None):
+            raise ValueError(
+                f"outcomes= needs something to measure: playbook {book.name!r} runs no "
+                "experiment and names no outcome metric (Playbook.outcome)"
+            )
+        outcome_assets, outcome_job, outcome_sensor = build_outcome_defs(
+            setup=setup,
+            outcomes_key=outcomes_key,
+            partitions_def=outcome_partitions,
+            sensor_default_status=sensor_default_status,
+            minimum_interval_seconds=minimum_interval_seconds,
+        )
+        all_assets.append(outcome_assets)
+        jobs.append(outcome_job)
+        sensors.append(outcome_sensor)
     return dg.Definitions(
-        assets=[assets],
+        assets=all_assets,
         asset_checks=asset_checks,
-        jobs=[job],
+        jobs=jobs,
         sensors=sensors,
         schedules=schedules,
         resources=execution_resources(setup),

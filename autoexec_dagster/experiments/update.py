@@ -161,7 +161,7 @@ def stored_metrics(playbook: Playbook) -> list[str]:
     return list(dict.fromkeys(columns))
 
 
-def store_outcomes(playbook: Playbook, ledger: ActionLedger, outcomes: pd.DataFrame) -> int:
+def record_outcomes(*, playbook: Playbook, ledger: ActionLedger, outcomes: pd.DataFrame) -> int:
     """Check the outcome table and store it in the ledger; returns the rows that were new.
 
     Raises:
