@@ -249,3 +249,39 @@ def test_a_secret_from_yaml_stays_an_env_var_in_the_channel(tmp_path: Path) -> N
 
     assert isinstance(channel.secret, dg.EnvVar)  # type: ignore[attr-defined]
     assert channel.secret.env_var_name == "CRM_WEBHOOK_SECRET"  # type: ignore[attr-defined]
+
+
+def test_outcomes_in_yaml_add_the_outcome_assets_and_sensor(tmp_path: Path) -> None:
+    playbook = json_ready(churn_playbook())
+    playbook["outcome"] = {"metric": "retained", "window": "14d"}
+    playbook.setdefault("guardrails", {})["holdout_fraction"] = 0.1
+    component = ExecutionComponent.resolve_from_yaml(
+        yaml.safe_dump(
+            attributes(
+                tmp_path,
+                playbook=playbook,
+                partitions={"type": "daily", "start_date": "2026-11-01"},
+                outcomes="churn_outcomes",
+            )
+        )
+    )
+    built = component.build_defs(dg.ComponentTree.for_test().load_context)
+    daily = dg.DailyPartitionsDefinition("2026-11-01")
+    defs = dg.Definitions.merge(
+        dg.Definitions(
+            assets=[
+                dg.AssetSpec(INSIGHT, partitions_def=daily),
+                dg.AssetSpec("churn_outcomes", partitions_def=daily),
+            ]
+        ),
+        built,
+    )
+    graph = defs.resolve_asset_graph()
+    uplift = graph.get(dg.AssetKey([PLAYBOOK, "uplift"]))
+    assert isinstance(uplift.partitions_def, dg.DailyPartitionsDefinition)
+    assert dg.AssetKey("churn_outcomes") in uplift.parent_keys
+    # No experiment in this playbook: uplift only.
+    assert not graph.has(dg.AssetKey([PLAYBOOK, "experiment"]))
+    assert defs.resolve_sensor_def(f"{PLAYBOOK}_outcomes_sensor").job_name == (
+        f"{PLAYBOOK}_outcomes_job"
+    )

@@ -214,6 +214,14 @@ class ExecutionComponent(dg.Component, dg.Model, dg.Resolvable):
     partitions: PartitionsModel | None = Field(
         default=None, description="The insight's partitions (required if it is partitioned)."
     )
+    outcomes: str | None = Field(
+        default=None,
+        description="Asset key of an outcome asset (entity key, occurred_at, metric columns): "
+        "adds <playbook>/experiment, /learnings and /uplift and the outcomes sensor.",
+    )
+    outcomes_partitions: PartitionsModel | None = Field(
+        default=None, description="The outcome asset's partitions (default: the insight's)."
+    )
     dry_run: bool | None = Field(
         default=None, description="Record without sending; default: the playbook's guardrail."
     )
@@ -312,6 +320,9 @@ class ExecutionComponent(dg.Component, dg.Model, dg.Resolvable):
         """
         try:
             partitions_def = self.partitions.build() if self.partitions else None
+            outcome_partitions = (
+                self.outcomes_partitions.build() if self.outcomes_partitions else None
+            )
         except ValueError as exc:
             raise ValueError(f"ExecutionComponent partitions: {exc}") from None
         return build_execution_defs(
@@ -335,4 +346,6 @@ class ExecutionComponent(dg.Component, dg.Model, dg.Resolvable):
             schedule_timezone=self.schedule_timezone,
             flagged_share_blocking=self.flagged_share_blocking,
             execute_fn=self.execute,
+            outcomes=self.outcomes,
+            outcomes_partitions_def=outcome_partitions,
         )

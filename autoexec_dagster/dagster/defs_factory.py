@@ -235,6 +235,7 @@ def build_execution_defs(
     ledger_clock: Callable[[], datetime] | None = None,
     approval_links: ApprovalLinks | None = None,
     outcomes: InsightRef | None = None,
+    outcomes_partitions_def: dg.PartitionsDefinition | None = None,
 ) -> dg.Definitions:
     """Definitions that execute a playbook on every new partition of an insight asset.
 
@@ -287,6 +288,8 @@ def build_execution_defs(
             runs an experiment) and ``<playbook>/uplift`` with the ``<playbook>_uplift`` check,
             partitioned like the outcome asset; the job ``<playbook>_outcomes_job``; and the
             sensor ``<playbook>_outcomes_sensor``, which runs it for each new outcome partition.
+        outcomes_partitions_def: The outcome asset's partitions when ``outcomes`` is only a key;
+            default: the outcome asset's own, else the insight's.
 
     Returns:
         Definitions holding the execution assets ``<playbook>/plan``, ``<playbook>/actions``
@@ -401,6 +404,7 @@ def build_execution_defs(
     jobs = [job]
     if outcomes is not None:
         outcomes_key, outcome_partitions = resolve_insight(outcomes)
+        outcome_partitions = outcomes_partitions_def or outcome_partitions or setup.partitions_def
         if not (book.experiments() or book.outcome is not None):
             raise ValueError(
                 f"outcomes= needs something to measure: playbook {book.name!r} runs no "
