@@ -8,6 +8,7 @@ from assets.customers import (
     FLAG_THRESHOLD,
     TRAINING_CUSTOMERS,
     churn_model,
+    churn_outcomes,
     churn_scores,
     daily_partitions,
     generate_customers,
@@ -47,7 +48,7 @@ from assets.stock import (
     train_demand_model,
 )
 
-churn_assets = [raw_customers, churn_model, churn_scores]
+churn_assets = [raw_customers, churn_model, churn_scores, churn_outcomes]
 host_assets = [host_metrics_history, host_anomaly_model, host_anomalies]
 stock_assets = [sales_history, demand_forecast_model, stock_shortages]
 
@@ -64,6 +65,7 @@ __all__ = [
     "HostAnomalyModel",
     "churn_assets",
     "churn_model",
+    "churn_outcomes",
     "churn_scores",
     "daily_partitions",
     "demand_forecast_model",

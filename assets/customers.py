@@ -10,6 +10,10 @@ Assets:
     churn_model: a scikit-learn pipeline trained on ``raw_customers`` with a held-out split.
     churn_scores: one row per customer per day (daily partitions): the insight the churn playbook
         (``resources/churn_playbook.yaml``) acts on.
+    churn_outcomes: per day, whether the customers the playbook acted on or held out in the 14
+        days before were retained (and whether they unsubscribed): simulated from the ledger's
+        exposures with known true effects per arm (``TRUE_RETENTION_LIFT``), the outcomes the
+        retention experiment and the uplift against the holdout are measured with.
 
 The numbers below are tuned together with the playbook's thresholds: of the 20,000 customers of a
 daily partition about 1,000 score ``churn_score >= 0.5``, and about 5% of those are escalated to a
@@ -32,6 +36,9 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder
 from threadpoolctl import threadpool_limits
+
+from autoexec_dagster import ActionLedger
+from resources.channels import default_ledger_url
 
 PARTITIONS_START = "2026-11-01"
 # The training snapshot is taken the day before the first scored partition, and every signup date
@@ -531,3 +538,286 @@ def churn_scores(
     customers = generate_customers(config.n_customers, seed=config.seed, as_of=as_of)
     scores = score_customers(churn_model, customers)
     return dg.MaterializeResult(value=scores, metadata=score_summary(scores))
+
+
+# -- outcomes: what happened to the customers the playbook acted on (or held out) --------------
+#
+# The simulation's TRUE effects, which a correct analysis of the experiment and of the uplift
+# against the holdout must recover. A customer's retention depends only on the arm of its first
+# exposure: held out (no email, no task) keeps BASELINE_RETENTION, every treated arm adds its lift.
+OUTCOME_PLAYBOOK = "churn_outreach"
+OUTCOME_WINDOW_DAYS = 14
+OUTCOME_SEED = 2027
+HOLDOUT_ARM = "holdout"
+TREATED_ARM = "treated"
+BASELINE_RETENTION = 0.60
+# (action, arm) -> absolute lift in retention over the held-out customers of the same action.
+# "treated" is an action sent without an experiment variant: the CRM task, and the retention
+# email's own template should the experiment be removed from the playbook.
+TRUE_RETENTION_LIFT: dict[tuple[str, str], float] = {
+    ("retention_email", "check_in"): 0.02,
+    ("retention_email", "discount_20"): 0.08,
+    ("retention_email", "free_month"): 0.05,
+    ("retention_email", TREATED_ARM): 0.05,
+    ("crm_task", TREATED_ARM): 0.03,
+}
+# Held-out customers unsubscribe too (from the newsletter); an email adds a little, all well below
+# the experiment's 2% guardrail.
+BASELINE_UNSUBSCRIBE = 0.002
+TRUE_UNSUBSCRIBE_RATE: dict[tuple[str, str], float] = {
+    ("retention_email", "check_in"): 0.004,
+    ("retention_email", "discount_20"): 0.006,
+    ("retention_email", "free_month"): 0.005,
+    ("retention_email", TREATED_ARM): 0.005,
+    ("crm_task", TREATED_ARM): 0.002,
+}
+OUTCOME_COLUMNS = ("customer_id", "occurred_at", "retained", "unsubscribed")
+# pandas' SipHash key (16 bytes): fixed, so the draws are the same in every process.
+_HASH_KEY = "churn-outcomes-1"
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+def true_rates(action: str, arm: str) -> tuple[float, float]:
+    """The simulation's true retention and unsubscribe rates of one arm of one action.
+
+    Args:
+        action: The playbook action (``retention_email``, ``crm_task``).
+        arm: ``holdout``, ``treated`` or an experiment variant.
+
+    Returns:
+        (retention rate, unsubscribe rate).
+
+    Raises:
+        ValueError: The (action, arm) pair has no documented truth: a simulation that guessed
+            would make the experiment's results meaningless.
+    """
+    if arm == HOLDOUT_ARM:
+        return BASELINE_RETENTION, BASELINE_UNSUBSCRIBE
+    key = (action, arm)
+    if key not in TRUE_RETENTION_LIFT:
+        raise ValueError(
+            f"no true effect is documented for action {action!r}, arm {arm!r}; known: "
+            f"{sorted(TRUE_RETENTION_LIFT)} and the holdout"
+        )
+    return BASELINE_RETENTION + TRUE_RETENTION_LIFT[key], TRUE_UNSUBSCRIBE_RATE[key]
+
+
+def _hash_strings(values: pd.Series | str) -> np.ndarray:
+    if isinstance(values, str):
+        values = pd.Series([values])
+    return pd.util.hash_array(
+        values.astype(str).to_numpy(dtype=object), hash_key=_HASH_KEY, categorize=False
+    ).astype(np.uint64)
+
+
+def _uniforms(seed: int, customer_ids: pd.Series, *parts: str | pd.Series) -> np.ndarray:
+    """One uniform draw in [0, 1) per customer, a function of the seed, the customer and ``parts``.
+
+    A keyed hash rather than a random generator: a customer's draw must not depend on which
+    other customers are in the frame, nor on their order, nor on when the frame is read.
+
+    Args:
+        seed: Identifies the simulated world.
+        customer_ids: The customers, as strings.
+        *parts: What the draw is for: constants (``"delay"``) or per-customer values (the arm).
+
+    Returns:
+        A float array aligned with ``customer_ids``.
+    """
+    hashed = _hash_strings(customer_ids)
+    for part in (str(seed), *parts):
+        mixed = _hash_strings(part)
+        # Integer mixing (pandas hashes uint64 arithmetically) combines the parts without
+        # building one string per customer and part, which costs seconds at 100,000 customers.
+        with np.errstate(over="ignore"):
+            hashed = pd.util.hash_array((hashed * _MIX) ^ mixed).astype(np.uint64)
+    return (hashed >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
+def outcome_delay_days(customer_ids: pd.Series, *, seed: int = OUTCOME_SEED) -> np.ndarray:
+    """Each customer's outcome delay k, 1 to ``OUTCOME_WINDOW_DAYS``: its outcome is observed
+    k - 0.5 days after its first exposure.
+
+    Args:
+        customer_ids: The customers.
+        seed: Identifies the simulated world.
+
+    Returns:
+        An int64 array aligned with ``customer_ids``.
+    """
+    draw = _uniforms(seed, customer_ids, "delay")
+    return (1 + np.floor(draw * OUTCOME_WINDOW_DAYS)).astype(np.int64)
+
+
+def _empty_outcomes() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "customer_id": pd.Series(dtype="str"),
+            "occurred_at": pd.Series(dtype="datetime64[ns, UTC]"),
+            "retained": pd.Series(dtype="int64"),
+            "unsubscribed": pd.Series(dtype="int64"),
+        }
+    )
+
+
+def simulate_churn_outcomes(
+    exposures: pd.DataFrame, day: dt.date, *, seed: int = OUTCOME_SEED
+) -> pd.DataFrame:
+    """The outcomes observed on ``day`` for the customers in ``exposures``.
+
+    Each customer has one outcome, decided by the arm of its first exposure (by ``exposed_at``)
+    and observed ``outcome_delay_days - 0.5`` days after it (half a day to 13.5 days): so it falls
+    on exactly one day and strictly inside the 14-day window, whatever the time of the exposure.
+    Whether it was retained or unsubscribed is a seeded hash of the customer id and the arm
+    against the arm's true rate (:func:`true_rates`), so the same exposures give the same
+    outcomes whenever they are read, whatever other customers the frame holds.
+
+    Args:
+        exposures: The ledger's exposures (``ActionLedger.exposures_frame``): entity_id, action,
+            arm, exposed_at (aware UTC) at least.
+        day: The day whose outcomes are wanted (UTC).
+        seed: Identifies the simulated world.
+
+    Returns:
+        One row per customer whose outcome falls on ``day``, sorted by customer: customer_id,
+        occurred_at (aware UTC), retained (1/0), unsubscribed (1/0).
+
+    Raises:
+        ValueError: An exposure's (action, arm) has no documented true effect.
+    """
+    if exposures.empty:
+        return _empty_outcomes()
+    frame = exposures.assign(
+        exposed_at=pd.to_datetime(exposures["exposed_at"], utc=True),
+        entity_id=exposures["entity_id"].astype(str),
+    )
+    first_at = frame.groupby("entity_id", sort=False)["exposed_at"].transform("min")
+    first = frame[(frame["exposed_at"] == first_at).to_numpy()]
+    if first["entity_id"].duplicated().any():
+        # Ties on the time (one run exposes a customer once per action) break by name, not by
+        # the order the ledger happened to return.
+        first = first.sort_values(["action", "arm"], kind="stable").drop_duplicates("entity_id")
+    delay = outcome_delay_days(first["entity_id"], seed=seed)
+    # Half a day short of the k-th day: never on the exposure's instant, never on the window's
+    # end (the analysis counts outcomes at less than the window after the exposure).
+    occurred = first["exposed_at"] + pd.to_timedelta(delay - 0.5, unit="D")
+    start = pd.Timestamp(day, tz="UTC")
+    due = ((occurred >= start) & (occurred < start + pd.Timedelta(days=1))).to_numpy()
+    first, occurred = first[due], occurred[due]
+    if first.empty:
+        return _empty_outcomes()
+    first = first.reset_index(drop=True)
+    pairs = first["action"].astype(str) + "\x1f" + first["arm"].astype(str)
+    truth = {pair: true_rates(*pair.split("\x1f", 1)) for pair in pairs.drop_duplicates().tolist()}
+    p_retained = pairs.map({pair: rates[0] for pair, rates in truth.items()}).to_numpy(float)
+    p_unsubscribed = pairs.map({pair: rates[1] for pair, rates in truth.items()}).to_numpy(float)
+    retained = _uniforms(seed, first["entity_id"], first["arm"], "retained") < p_retained
+    unsubscribed = _uniforms(seed, first["entity_id"], first["arm"], "unsubscribed")
+    outcomes = pd.DataFrame(
+        {
+            "customer_id": first["entity_id"].astype("str"),
+            "occurred_at": occurred.reset_index(drop=True).astype("datetime64[ns, UTC]"),
+            "retained": retained.astype(np.int64),
+            "unsubscribed": (unsubscribed < p_unsubscribed).astype(np.int64),
+        }
+    )
+    return outcomes.sort_values("customer_id", ignore_index=True)
+
+
+def read_exposures(
+    ledger_url: str, *, playbook: str = OUTCOME_PLAYBOOK, day: dt.date | None = None
+) -> pd.DataFrame:
+    """The playbook's exposures in the ledger, opened for this read and closed after it.
+
+    Args:
+        ledger_url: SQLAlchemy URL of the action ledger.
+        playbook: The playbook whose exposures are read.
+        day: When given, only the customers whose first exposure may have its outcome on
+            ``day`` (first exposed in the window before the day's end) are kept, with all their
+            exposures, so the first one is known.
+
+    Returns:
+        entity_id, action, partition_key, arm, experiment, exposed_at (aware UTC).
+    """
+    ledger = ActionLedger(ledger_url)
+    try:
+        exposures = ledger.exposures_frame(playbook)
+    finally:
+        ledger.dispose()
+    if day is None or exposures.empty:
+        return exposures
+    first = exposures.groupby(exposures["entity_id"].astype(str))["exposed_at"].transform("min")
+    start = pd.Timestamp(day, tz="UTC")
+    recent = (first >= start - pd.Timedelta(days=OUTCOME_WINDOW_DAYS)) & (
+        first < start + pd.Timedelta(days=1)
+    )
+    return exposures[recent.to_numpy()].reset_index(drop=True)
+
+
+class ChurnOutcomesConfig(dg.Config):
+    """Where the exposures are read from."""
+
+    ledger_url: str = Field(
+        default="",
+        description=(
+            "SQLAlchemy URL of the action ledger; empty reads the churn execution's own "
+            "(AUTOEXEC_LEDGER_URL, else the var folder's SQLite file). Pass a URL with a "
+            "password through AUTOEXEC_LEDGER_URL, not here: run configuration shows in the UI."
+        ),
+    )
+
+
+_OUTCOME_SCHEMA = dg.TableSchema(
+    columns=[
+        dg.TableColumn("customer_id", "string", description="Entity key, e.g. C000123."),
+        dg.TableColumn("occurred_at", "timestamp", description="When it was observed (UTC)."),
+        dg.TableColumn("retained", "int", description="1: still a customer; 0: churned."),
+        dg.TableColumn("unsubscribed", "int", description="1: unsubscribed from email."),
+    ]
+)
+
+
+@dg.asset(
+    group_name="churn",
+    kinds={"pandas"},
+    partitions_def=daily_partitions,
+    # The outcomes of day D are those of the customers acted on or held out in the 14 days up
+    # to it: the lineage from the actions to what they achieved.
+    deps=[
+        dg.AssetDep(
+            dg.AssetKey([OUTCOME_PLAYBOOK, "actions"]),
+            partition_mapping=dg.TimeWindowPartitionMapping(
+                start_offset=-OUTCOME_WINDOW_DAYS, end_offset=0
+            ),
+        )
+    ],
+    metadata={"dagster/column_schema": _OUTCOME_SCHEMA},
+)
+def churn_outcomes(
+    context: dg.AssetExecutionContext, config: ChurnOutcomesConfig
+) -> dg.MaterializeResult[pd.DataFrame]:
+    """What happened to the customers the churn playbook acted on or held out, as seen on the day.
+
+    Simulated, with known true effects per arm (``TRUE_RETENTION_LIFT``): each customer's
+    outcome (retained, unsubscribed) is observed once, 0.5 to 13.5 days after its first exposure.
+    """
+    day = dt.date.fromisoformat(context.partition_key)
+    # Opened here, on use: building the definitions must not touch a database.
+    exposures = read_exposures(config.ledger_url or default_ledger_url(), day=day)
+    outcomes = simulate_churn_outcomes(exposures, day)
+    n = len(outcomes)
+    return dg.MaterializeResult(
+        value=outcomes,
+        metadata={
+            "dagster/row_count": dg.MetadataValue.int(n),
+            "customers_exposed_in_window": dg.MetadataValue.int(
+                int(exposures["entity_id"].nunique()) if not exposures.empty else 0
+            ),
+            "retained_rate": dg.MetadataValue.float(
+                float(outcomes["retained"].mean()) if n else 0.0
+            ),
+            "unsubscribed_rate": dg.MetadataValue.float(
+                float(outcomes["unsubscribed"].mean()) if n else 0.0
+            ),
+        },
+    )

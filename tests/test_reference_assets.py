@@ -4,6 +4,7 @@ import datetime as dt
 import json
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -12,12 +13,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from assets import churn_assets, churn_model, churn_scores, raw_customers
+from assets import churn_assets, churn_model, churn_outcomes, churn_scores, raw_customers
 from assets.customers import (
     CUSTOMER_COLUMNS,
     DAILY_CUSTOMERS,
     EMAIL_DOMAINS,
     FEATURES,
+    OUTCOME_COLUMNS,
     PLAN_CHARGE_RANGE,
     PLANS,
     PREVIEW_ROWS,
@@ -206,8 +208,10 @@ def test_library_routes_a_real_partition_as_the_masks_say(
     acted_on = plan["decision"].astype(str) != "skip"
     assert plan["rule"].astype(str).where(acted_on, "").tolist() == expected.tolist()
     decisions = {str(d): int(n) for d, n in plan["decision"].value_counts().items()}
-    flagged = decisions["act"] + decisions["escalate"]
+    flagged = decisions["act"] + decisions["escalate"] + decisions["holdout"]
     assert 800 <= flagged <= 1200 and 0.03 <= decisions["escalate"] / flagged <= 0.08
+    # About a tenth of the would-be actions are the control group (holdout_fraction 0.1).
+    assert 0.07 <= decisions["holdout"] / (decisions["act"] + decisions["holdout"]) <= 0.13
 
 
 @pytest.fixture
@@ -226,11 +230,18 @@ def _materialization(result: dg.ExecuteInProcessResult, key: str) -> dg.AssetMat
     return events[0]
 
 
-def test_pipeline_materializes_one_partition(instance: dg.DagsterInstance) -> None:
+def test_pipeline_materializes_one_partition(instance: dg.DagsterInstance, tmp_path: Path) -> None:
+    # churn_outcomes reads the exposures of a ledger: a fresh one here, not the project's.
+    ledger = {"config": {"ledger_url": f"sqlite:///{tmp_path / 'ledger.db'}"}}
+    run_config = {"ops": {**SMALL_RUN_CONFIG["ops"], "churn_outcomes": ledger}}
     result = dg.materialize(
-        churn_assets, instance=instance, partition_key="2026-11-01", run_config=SMALL_RUN_CONFIG
+        churn_assets, instance=instance, partition_key="2026-11-01", run_config=run_config
     )
     assert result.success
+    # Nobody was acted on yet, so nothing was observed: an empty frame of the outcome columns.
+    outcomes = result.output_for_node("churn_outcomes")
+    assert tuple(outcomes.columns) == OUTCOME_COLUMNS and outcomes.empty
+    assert _materialization(result, "churn_outcomes").metadata["dagster/row_count"].value == 0
 
     model_meta = _materialization(result, "churn_model").metadata
     assert 0.5 < model_meta["roc_auc"].value <= 1.0  # pyright: ignore[reportOperatorIssue]
@@ -284,3 +295,14 @@ def test_scores_load_the_model_a_previous_run_stored(instance: dg.DagsterInstanc
     assert not days["2026-11-02"]["churn_score"].equals(days["2026-11-03"]["churn_score"])
     materialized = instance.get_materialized_partitions(dg.AssetKey("churn_scores"))
     assert materialized == {"2026-11-02", "2026-11-03"}
+
+
+def test_outcomes_are_a_daily_asset_downstream_of_the_actions() -> None:
+    assert churn_outcomes in churn_assets
+    assert churn_outcomes.partitions_def == churn_scores.partitions_def
+    (dep,) = churn_outcomes.specs_by_key[churn_outcomes.key].deps
+    assert dep.asset_key == dg.AssetKey(["churn_outreach", "actions"])
+    # The outcomes of a day are those of the customers exposed in the 14 days up to it.
+    mapping = dep.partition_mapping
+    assert isinstance(mapping, dg.TimeWindowPartitionMapping)
+    assert (mapping.start_offset, mapping.end_offset) == (-14, 0)
