@@ -218,3 +218,25 @@ def test_assignment_is_deterministic_for_an_entity(tmp_path: Path) -> None:
         picks.append(rec.sent)
         led.dispose()
     assert picks[0] == picks[1]
+
+
+def test_a_partition_finished_before_the_experiment_started_is_not_assigned_on_a_rerun(
+    ledger: ActionLedger,
+) -> None:
+    variants = {v: {"permanent_errors": [v]} for v in ("calm", "urgent")}
+    with_experiment = playbook(variants)
+    plain = with_experiment.model_copy(
+        update={"rules": [Rule(name="flagged", when="score >= 0.5", action="mail")]}
+    )
+    rec = Recorder()
+    ids = [f"c{i}" for i in range(300)]
+    execute(plain, ledger, ids, "2026-11-01", rec)
+    sent = len(rec.sent)
+    execute(with_experiment, ledger, ids, "2026-11-01", rec)
+    assert len(rec.sent) == sent
+    assert ledger.assignments_frame("outreach", "tone").empty
+    # The next partition is the experiment's first.
+    execute(with_experiment, ledger, ids, "2026-11-02", rec)
+    assert len(ledger.assignments_frame("outreach", "tone")) == len(
+        [1 for (p, _e) in rec.sent if p == "2026-11-02"]
+    )

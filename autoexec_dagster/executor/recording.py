@@ -150,7 +150,7 @@ def record_plan(
             zip(sending, keyed.iloc[sending].to_dict("records"), strict=True) if sending else ()
         )
         variants = (
-            _assign(ledger, info, sending, entity_all, rule_all, experiments)
+            _assign(ledger, info, sending, entity_all, rule_all, keys_all, experiments)
             if experiments and sending
             else {}
         )
@@ -282,10 +282,13 @@ def record_plan(
                 if decision == "act":
                     report.count(action, "already_done")
         if measured and not dry:
+            # Rows an earlier run reserved but never finished (a crash) are exposures too: the
+            # record of them may be what the crash lost. Recording is idempotent.
+            pending = {k for k, (state, _w) in states.items() if state not in FINAL_STATES}
             _record_exposures(
                 ledger,
                 rows,
-                inserted,
+                inserted | pending,
                 info=info,
                 measured=measured,
                 variants={rows[p - start]["idempotency_key"]: v for p, v in variants.items()},
@@ -322,13 +325,24 @@ def _assign(
     sending: list[int],
     entity_all: np.ndarray,
     rule_all: np.ndarray,
+    keys_all: np.ndarray,
     experiments: Mapping[str, tuple[Experiment, ExperimentState]],
 ) -> dict[int, tuple[str, bool]]:
-    """Position -> (variant, counted in the test) for the actions of experiment rules."""
+    """Position -> (variant, counted in the test) for the actions of experiment rules.
+
+    An action an earlier run finished is not assigned: it was sent before (perhaps before the
+    experiment existed), so drawing a variant for it now would count an entity that never saw
+    one.
+    """
     out: dict[int, tuple[str, bool]] = {}
+    candidates = [i for i in sending if rule_all[i] in experiments]
+    if not candidates:
+        return out
+    states = ledger.states([str(keys_all[i]) for i in candidates])
     by_rule: dict[str, list[int]] = {}
-    for i in sending:
-        if rule_all[i] in experiments:
+    for i in candidates:
+        state = states.get(str(keys_all[i]), (None, None))[0]
+        if state not in FINAL_STATES:
             by_rule.setdefault(str(rule_all[i]), []).append(i)
     for rule, positions in by_rule.items():
         experiment, state = experiments[rule]
