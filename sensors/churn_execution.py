@@ -5,7 +5,11 @@ playbook YAML, the channels and the ledger go into
 :func:`autoexec_dagster.dagster.defs_factory.build_execution_defs`, which returns the execution
 assets ``churn_outreach/plan``, ``churn_outreach/actions`` and ``churn_outreach/escalations``, the
 blocking checks on ``churn_scores``, the job ``churn_outreach_execution_job`` and the sensor
-``churn_outreach_sensor``.
+``churn_outreach_sensor``. With the outcomes (``churn_outcomes``) it also returns
+``churn_outreach/experiment`` (the retention_offer experiment updated with each outcome
+partition), ``churn_outreach/learnings``, ``churn_outreach/uplift`` (each action against the
+holdout), the job ``churn_outreach_outcomes_job`` and the sensor ``churn_outreach_outcomes_sensor``,
+which runs that job for each new ``churn_outcomes`` partition.
 
 The sensor is STOPPED unless ``AUTOEXEC_SENSOR_STATUS=running``: switching it on makes every new
 ``churn_scores`` partition send emails and create CRM tasks, which should be a decision. Its
@@ -17,7 +21,7 @@ from collections.abc import Mapping
 
 import dagster as dg
 
-from assets import churn_scores
+from assets import churn_outcomes, churn_scores
 from autoexec_dagster import ActionLedger, Channel
 from autoexec_dagster.dagster.defs_factory import build_execution_defs
 from resources import CHURN_PLAYBOOK_PATH
@@ -78,4 +82,5 @@ def build_churn_execution_defs(
         sensor_default_status=sensor_status or sensor_status_from_env(environ),
         minimum_interval_seconds=minimum_interval_seconds or sensor_interval_from_env(environ),
         flagged_metadata_key=FLAGGED_METADATA_KEY,
+        outcomes=churn_outcomes,
     )
