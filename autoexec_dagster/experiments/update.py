@@ -20,6 +20,7 @@ so two concurrent updates cannot both apply.
 """
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -36,16 +37,25 @@ from autoexec_dagster.experiments.analysis import (
 )
 from autoexec_dagster.experiments.experiment import Experiment
 from autoexec_dagster.experiments.outcomes import check_outcomes, to_long
+from autoexec_dagster.experiments.promotion_approval import (
+    promotion_approval_id,
+    promotion_decision,
+    request_promotion,
+)
 from autoexec_dagster.experiments.statistics import thompson_weights, thompson_weights_gaussian
 from autoexec_dagster.experiments.stopping import ArmSummary, stopping_decision
 from autoexec_dagster.ledger.action_ledger import ActionLedger
 from autoexec_dagster.ledger.experiment_store import ExperimentState, ExperimentUpdate
 from autoexec_dagster.ledger.schema import (
+    APPROVED,
     ARCHIVED,
     AWAITING_APPROVAL,
+    EXPIRED,
     HOLDOUT,
     LIVE,
+    PENDING,
     PROMOTED,
+    REJECTED,
     RUNNING_EXPERIMENT,
     STOPPED,
 )
@@ -235,7 +245,22 @@ def update_experiment(
         assert state is not None
         as_of = now or ledger.clock()
         analysis = _analyse(playbook, ledger, spec, as_of)
-        update, decision, promoted_now = _decide(spec, state, analysis, as_of)
+        update, decision, promoted_now, ask = _decide(
+            spec, state, analysis, as_of, _approvals(playbook, ledger, spec, state, as_of)
+        )
+        if ask is not None:
+            # Asked before the state says so: a crash in between leaves a request that the
+            # next update finds (same id), never a state awaiting a request that does not exist.
+            request_promotion(
+                ledger,
+                playbook=playbook.name,
+                playbook_version=playbook.effective_version,
+                experiment=spec,
+                rule=rule.name,
+                winner=ask,
+                evidence=_figures_text(analysis, ask),
+                now=as_of,
+            )
         if update is None or ledger.save_experiment_update(
             playbook=playbook.name, experiment=spec.name, revision=state.revision, update=update
         ):
@@ -277,6 +302,31 @@ def _analyse(
     )
 
 
+def _approvals(
+    playbook: Playbook,
+    ledger: ActionLedger,
+    spec: Experiment,
+    state: ExperimentState,
+    as_of: datetime,
+) -> "_Approvals":
+    if not spec.promotion_approvers:
+        return _Approvals()
+    awaited = None
+    if state.status == AWAITING_APPROVAL and state.approval_id:
+        awaited = promotion_decision(ledger, state.approval_id, now=as_of)
+        rows = ledger.approval_rows([state.approval_id])
+        awaited["winner"] = rows[state.approval_id]["entity_id"] if rows else ""
+    refused = set()
+    ids = {
+        promotion_approval_id(playbook=playbook.name, experiment=spec.name, winner=v): v
+        for v in spec.variants
+    }
+    for approval_id, row in ledger.approval_rows(list(ids)).items():
+        if row["status"] in (REJECTED, EXPIRED):
+            refused.add(ids[approval_id])
+    return _Approvals(awaited=awaited, refused=frozenset(refused))
+
+
 def _figures_text(analysis: ExperimentAnalysis, variant: str) -> dict[str, Any]:
     row = analysis.variants.set_index("variant").loc[variant]
     return {
@@ -285,16 +335,29 @@ def _figures_text(analysis: ExperimentAnalysis, variant: str) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class _Approvals:
+    """What the promotion approvals say: the awaited request's decision, and earlier requests."""
+
+    awaited: Mapping[str, Any] | None = None
+    refused: frozenset[str] = frozenset()
+
+
 def _decide(
-    spec: Experiment, state: ExperimentState, analysis: ExperimentAnalysis, as_of: datetime
-) -> tuple[ExperimentUpdate | None, str, bool]:
-    """The update to write (None when the experiment is already decided), in words, and whether
-    it promotes now."""
+    spec: Experiment,
+    state: ExperimentState,
+    analysis: ExperimentAnalysis,
+    as_of: datetime,
+    approvals: _Approvals = _Approvals(),
+) -> tuple[ExperimentUpdate | None, str, bool, str | None]:
+    """The update to write (None when the experiment is already decided), in words, whether it
+    promotes now, and the winner to ask the promotion approvers about (None: nobody to ask)."""
     if not state.active:
         return (
             None,
             f"already {state.status}" + (f": {state.winner}" if state.winner else ""),
             False,
+            None,
         )
     statuses = dict(state.variant_status)
     events: list[dict[str, Any]] = []
@@ -337,6 +400,7 @@ def _decide(
             ),
             "stopped: every variant crossed a guardrail",
             False,
+            None,
         )
     days = (as_of - state.started_at).total_seconds() / 86_400
     arms = [
@@ -369,6 +433,73 @@ def _decide(
     else:
         verdict_text = verdict.reason
         winner = verdict.promote
+    status = RUNNING_EXPERIMENT
+    approval_id: str | None = None
+    approved_by = ""
+    awaited = approvals.awaited
+    if state.status == AWAITING_APPROVAL and awaited is not None:
+        proposed = str(awaited["winner"])
+        if awaited["status"] == APPROVED:
+            winner, approved_by = proposed, str(awaited.get("decided_by") or "")
+            verdict_text = f"approved by {approved_by}" + (
+                f" ({awaited['note']})" if awaited.get("note") else ""
+            )
+        elif awaited["status"] == PENDING:
+            winner, status, approval_id = None, AWAITING_APPROVAL, state.approval_id
+            verdict_text = (
+                f"waiting for {' or '.join(spec.promotion_approvers)} to approve promoting "
+                f"{proposed} (autoexec approvals --playbook {state.playbook}); {verdict_text}"
+            )
+        else:
+            how = "expired" if awaited["status"] == EXPIRED else "rejected"
+            by = f" by {awaited['decided_by']}" if awaited.get("decided_by") else ""
+            events.append(
+                {
+                    "kind": f"promotion_{how}",
+                    "variant": proposed,
+                    "detail": f"promoting {proposed} was {how}{by}"
+                    + (f": {awaited['note']}" if awaited.get("note") else "")
+                    + "; the experiment goes on",
+                    "evidence": _figures_text(analysis, proposed),
+                }
+            )
+            winner = None
+            verdict_text = f"promoting {proposed} was {how}{by}; {verdict_text}"
+    elif winner is not None and spec.promotion_approvers:
+        if winner in approvals.refused:
+            verdict_text = (
+                f"{verdict_text}; promoting {winner} was refused before, so it is not proposed "
+                "again"
+            )
+            winner = None
+        else:
+            proposed = winner
+            weights, reason = _next_weights(spec, analysis, live)
+            events.append(
+                {
+                    "kind": "approval_requested",
+                    "variant": proposed,
+                    "detail": f"promoting {proposed} asked of "
+                    f"{', '.join(spec.promotion_approvers)}: {verdict.reason}",
+                    "evidence": _figures_text(analysis, proposed),
+                }
+            )
+            return (
+                ExperimentUpdate(
+                    weights=weights,
+                    weights_reason=reason,
+                    status=AWAITING_APPROVAL,
+                    winner=None,
+                    variant_status=statuses,
+                    events=events,
+                    approval_id=promotion_approval_id(
+                        playbook=state.playbook, experiment=spec.name, winner=proposed
+                    ),
+                ),
+                f"awaiting approval: promote {proposed}? {verdict.reason}",
+                False,
+                proposed,
+            )
     if winner is not None:
         for variant in spec.variants:
             if variant == winner:
@@ -388,7 +519,7 @@ def _decide(
             {
                 "kind": "promoted",
                 "variant": winner,
-                "detail": f"{winner} promoted after {days:.1f} days: {verdict.reason}",
+                "detail": f"{winner} promoted after {days:.1f} days: {verdict_text}",
                 "evidence": {
                     **_figures_text(analysis, winner),
                     "srm_p_value": analysis.srm_p_value,
@@ -406,8 +537,9 @@ def _decide(
                 variant_status=statuses,
                 events=events,
             ),
-            f"promoted {winner}: {verdict.reason}",
+            f"promoted {winner}: {verdict_text}",
             True,
+            None,
         )
     weights, reason = _next_weights(spec, analysis, live)
     events.append(
@@ -422,13 +554,15 @@ def _decide(
         ExperimentUpdate(
             weights=weights,
             weights_reason=reason,
-            status=RUNNING_EXPERIMENT if state.status != AWAITING_APPROVAL else state.status,
+            status=status,
             winner=None,
             variant_status=statuses,
             events=events,
+            approval_id=approval_id,
         ),
-        f"running: {verdict_text}",
+        f"{'awaiting approval' if status == AWAITING_APPROVAL else 'running'}: {verdict_text}",
         False,
+        None,
     )
 
 
