@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import autoexec_dagster.cli.approval_commands  # pyright: ignore[reportUnusedImport]
 import autoexec_dagster.cli.backtest_commands  # pyright: ignore[reportUnusedImport]
 import autoexec_dagster.cli.escalation_commands  # pyright: ignore[reportUnusedImport]
+import autoexec_dagster.cli.experiment_commands  # pyright: ignore[reportUnusedImport]
 import autoexec_dagster.cli.ledger_commands  # noqa: F401  # pyright: ignore[reportUnusedImport]
 from autoexec_dagster.cli.common import cli
 

@@ -438,6 +438,17 @@ class ExperimentStore(LedgerBase):
         frame["assigned_at"] = pd.to_datetime(frame["assigned_at"], utc=True, format="ISO8601")
         return frame
 
+    def assignment_counts(self, playbook: str, experiment: str) -> dict[str, int]:
+        """Variant -> entities assigned to it (one grouped count)."""
+        a = schema.experiment_assignments
+        with self._read("count assignments") as conn:
+            rows = conn.execute(
+                sa.select(a.c.variant, sa.func.count())
+                .where(a.c.playbook == playbook, a.c.experiment == experiment)
+                .group_by(a.c.variant)
+            ).all()
+        return {variant: int(count) for variant, count in rows}
+
     def outcomes_frame(self, playbook: str, metrics: Sequence[str]) -> pd.DataFrame:
         """Stored outcomes, one row per (entity, time) and one column per metric (NaN where a
         row does not record it)."""
