@@ -6,7 +6,9 @@
 Prints each benchmark's figures (with its baseline, measured in the same run), then a compact
 table of targets, and exits 1 if a target is missed. Each benchmark also runs alone:
 ``python -m bench.bench_execution``, ``bench.bench_routing``, ``bench.bench_memory``,
-``bench.bench_sensor``, ``bench.bench_workflows``, ``bench.bench_approvals``.
+``bench.bench_sensor``, ``bench.bench_workflows``, ``bench.bench_approvals``,
+``bench.bench_experiment_analysis``; the statistical honesty of experiments over many seeds is
+``bench/bench_experiment_stats.py`` (minutes of simulation, run on its own).
 """
 
 import argparse
@@ -96,7 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["execution", "routing", "memory", "sensor", "workflows", "approvals"],
+        choices=[
+            "execution",
+            "routing",
+            "memory",
+            "sensor",
+            "workflows",
+            "approvals",
+            "experiment_analysis",
+        ],
         help="run only these benchmarks",
     )
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
@@ -120,13 +130,22 @@ def main(argv: list[str] | None = None) -> int:
     from bench import (
         bench_approvals,
         bench_execution,
+        bench_experiment_analysis,
         bench_memory,
         bench_routing,
         bench_sensor,
         bench_workflows,
     )
 
-    selected = args.only or ["execution", "routing", "memory", "sensor", "workflows", "approvals"]
+    selected = args.only or [
+        "execution",
+        "routing",
+        "memory",
+        "sensor",
+        "workflows",
+        "approvals",
+        "experiment_analysis",
+    ]
     started = time.perf_counter()
     print(f"autoexec_dagster benchmarks ({'quick smoke' if args.quick else 'full'})")
     print(f"  command: {sys.executable} {' '.join(sys.argv)}")
@@ -198,6 +217,16 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(bench_approvals.report(result)))
         results["approvals"] = result
         checks += bench_approvals.checks(result)
+
+    if "experiment_analysis" in selected:
+        print("\n== experiment analysis: 1,000,000 assignments with outcomes ==", flush=True)
+        wait_until_quiet(args.wait_quiet)
+        result = bench_experiment_analysis.run(
+            units=200_000 if args.quick else 1_000_000, repeats=1 if args.quick else 3
+        )
+        print("\n".join(bench_experiment_analysis.report(result)))
+        results["experiment_analysis"] = result
+        checks += bench_experiment_analysis.checks(result)
 
     width = max(len(c.name) for c in checks)
     measured = max(len(c.measured) for c in checks)
