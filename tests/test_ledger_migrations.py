@@ -2,6 +2,8 @@
 
 ``tests/data/ledger_v1.sql`` is a real version-1 ledger, dumped from 0.1.0: one day executed under
 two playbook versions, so every action of that day was sent twice under two keys.
+``tests/data/ledger_v3.sql`` is a real version-3 ledger, written by the release before
+experiments (commit e7c9129): one churn day of 60 customers, executed.
 """
 
 import sqlite3
@@ -15,12 +17,13 @@ from tests.channel_doubles import RecordingChannel
 from tests.conftest import churn_playbook, churn_scores
 
 V1_DUMP = Path(__file__).parent / "data" / "ledger_v1.sql"
+V3_DUMP = Path(__file__).parent / "data" / "ledger_v3.sql"
 
 
-def _v1_ledger(tmp_path: Path) -> str:
+def _v1_ledger(tmp_path: Path, dump: Path = V1_DUMP) -> str:
     path = tmp_path / "ledger.db"
     with sqlite3.connect(path) as conn:
-        conn.executescript(V1_DUMP.read_text())
+        conn.executescript(dump.read_text())
     return f"sqlite:///{path}"
 
 
@@ -48,7 +51,7 @@ def test_a_v1_ledger_migrates_in_place_and_a_rerun_sends_nothing(tmp_path):
     engine.dispose()
 
     ledger = ActionLedger(url)
-    assert ledger.schema_version == schema.SCHEMA_VERSION == 3
+    assert ledger.schema_version == schema.SCHEMA_VERSION == 4
     with ledger.engine.connect() as conn:
         kept = conn.execute(sa.select(sa.func.count()).select_from(schema.actions)).scalar_one()
         superseded = conn.execute(
@@ -85,7 +88,7 @@ def test_migrating_twice_is_a_no_op(tmp_path):
     url = _v1_ledger(tmp_path)
     ActionLedger(url).dispose()
     again = ActionLedger(url)
-    assert again.schema_version == 3
+    assert again.schema_version == 4
 
 
 def test_a_v1_ledger_gains_the_version_3_tables_and_columns(tmp_path):
@@ -98,4 +101,42 @@ def test_a_v1_ledger_gains_the_version_3_tables_and_columns(tmp_path):
     # The migrated escalations are readable with the new columns empty.
     queue = ledger.escalations(status=None)
     assert not queue.empty
+    ledger.dispose()
+
+
+def test_a_v3_ledger_gains_the_experiment_tables_and_a_rerun_sends_nothing(tmp_path):
+    url = _v1_ledger(tmp_path, V3_DUMP)
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        version = conn.execute(sa.text("SELECT version FROM autoexec_schema_version")).scalar_one()
+        before = conn.execute(sa.text("SELECT count(*) FROM autoexec_actions")).scalar_one()
+    engine.dispose()
+    assert version == 3 and before > 0
+
+    ledger = ActionLedger(url)
+    assert ledger.schema_version == 4
+    inspector = sa.inspect(ledger.engine)
+    tables = set(inspector.get_table_names())
+    assert {
+        "autoexec_experiments",
+        "autoexec_experiment_assignments",
+        "autoexec_experiment_periods",
+        "autoexec_experiment_events",
+        "autoexec_exposures",
+        "autoexec_outcomes",
+    } <= tables
+    assert "variant" in {c["name"] for c in inspector.get_columns("autoexec_actions")}
+    with ledger.engine.connect() as conn:
+        kept = conn.execute(sa.select(sa.func.count()).select_from(schema.actions)).scalar_one()
+    assert kept == before
+    channels = {"retention_email": RecordingChannel(), "crm_task": RecordingChannel()}
+    playbook = churn_playbook(max_flagged_fraction=0.9)
+    report = execute_plan(
+        route(churn_scores(60), playbook, partition_key="2026-11-24"),
+        playbook=playbook,
+        ledger=ledger,
+        channels=channels,
+    )
+    assert report.succeeded == 0 and report.already_done > 0
+    assert sum(sum(ch.delivered.values()) for ch in channels.values()) == 0
     ledger.dispose()
