@@ -10,11 +10,19 @@
 4. Print what happened: flagged, acted autonomously, escalated and why, held out, failed, the
    autonomy rate, and where the emails and CRM tasks are, after checking that the mailbox holds
    exactly as many messages as the ledger recorded as sent.
+5. Observe the outcomes (``churn_outcomes``, simulated with known true effects) of the days from
+   the partition on, as far as days have ended, run the outcomes job for each, and print where the
+   retention_offer experiment stands and how the emails compare with the held-out customers.
+
+The ledger runs on the partition's calendar (09:00 UTC of the scored day, then the end of each
+outcome day): the exposures and the outcomes observed after them fall on the days of
+``churn_scores``, as they would in a deployment that scores each day as it ends.
 
 Running it again for the same day scores the same data again; the sensor requests a run, and
 that run sends nothing because the ledger already holds every action: the demo says so.
 """
 
+import datetime as dt
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -48,6 +56,35 @@ SCORING_JOB = "churn_scoring_job"
 # The storage ids in the cursor belong to one instance's event log, so the cursor lives with it.
 # The name predates the host story; kept so an existing instance folder keeps its cursor.
 CURSOR_FILE_NAME = "autoexec_demo_sensor_cursor.json"
+OUTCOMES_JOB = f"{PLAYBOOK}_outcomes_job"
+EXPERIMENT = "retention_offer"
+# Customers are scored in the morning; the last outcome of a day's exposure comes 13.5 days on.
+SCORED_AT = dt.time(9, 0)
+OUTCOME_DAYS = 14
+
+
+class PartitionClock:
+    """The ledger's clock on the partition's calendar: a set moment plus the real time since.
+
+    Moving with real time keeps leases and timeouts working inside one run; :meth:`move_to`
+    jumps to a later moment of the calendar (the end of an outcome day).
+    """
+
+    def __init__(self, start: dt.datetime) -> None:
+        self._start = start
+        self._began = time.monotonic()
+
+    def __call__(self) -> dt.datetime:
+        return self._start + dt.timedelta(seconds=time.monotonic() - self._began)
+
+    def move_to(self, moment: dt.datetime) -> None:
+        """Continue from ``moment``."""
+        self._start, self._began = moment, time.monotonic()
+
+    @classmethod
+    def scored(cls, partition: str) -> "PartitionClock":
+        """The morning the partition was scored, 09:00 UTC."""
+        return cls(dt.datetime.combine(dt.date.fromisoformat(partition), SCORED_AT, tzinfo=dt.UTC))
 
 
 @dataclass
@@ -313,6 +350,107 @@ def check_deliveries(
     return ok
 
 
+def outcome_days(partition: str, last: str | None) -> list[str]:
+    """The days outcomes of the partition's exposures can fall on that have ended already."""
+    first = dt.date.fromisoformat(partition)
+    days = [(first + dt.timedelta(days=i)).isoformat() for i in range(OUTCOME_DAYS)]
+    return [day for day in days if last is not None and day <= last]
+
+
+def observe_outcomes(
+    defs: "dg.Definitions",
+    instance: "dg.DagsterInstance",
+    ledger: "ActionLedger",
+    clock: PartitionClock,
+    days: Sequence[str],
+    *,
+    run_config: Mapping[str, Any],
+) -> tuple[Mapping[str, Any] | None, int]:
+    """Materialize churn_outcomes for each day, then update the experiment with all of them.
+
+    The outcomes sensor would run the outcomes job once per day; on a demo's cold start that is
+    seconds per day, so the earlier days' outcomes are stored in the ledger directly and the job
+    runs once, on the last day, with the ledger's clock at that day's end: the experiment then
+    reads every stored outcome, as the last of the daily runs would.
+
+    Returns:
+        The metadata of the ``churn_outreach/experiment`` materialization (None without days)
+        and the number of outcomes observed.
+
+    Raises:
+        SystemExit: A run failed.
+    """
+    import dagster as dg
+
+    from assets import churn_outcomes
+    from autoexec_dagster import Playbook, record_outcomes
+    from resources import CHURN_PLAYBOOK_PATH
+
+    if not days:
+        return None, 0
+    playbook = Playbook.from_yaml(CHURN_PLAYBOOK_PATH)
+    observed = 0
+    for day in days:
+        stored = dg.materialize(
+            [churn_outcomes], instance=instance, partition_key=day, run_config=run_config
+        )
+        if not stored.success:
+            raise SystemExit(f"churn_outcomes {day} failed: see run {stored.run_id}")
+        outcomes = stored.output_for_node("churn_outcomes")
+        observed += len(outcomes)
+        if day != days[-1]:
+            record_outcomes(playbook=playbook, ledger=ledger, outcomes=outcomes)
+    last = dt.date.fromisoformat(days[-1])
+    clock.move_to(dt.datetime.combine(last, dt.time(23, 59), tzinfo=dt.UTC))
+    result = defs.resolve_job_def(OUTCOMES_JOB).execute_in_process(
+        partition_key=days[-1], instance=instance, run_config=run_config, raise_on_error=False
+    )
+    if not result.success:
+        raise SystemExit(f"{OUTCOMES_JOB} {days[-1]} failed: see run {result.run_id}")
+    say(
+        f"outcomes: {observed:,} customers' outcomes observed from {days[0]} to {days[-1]}; "
+        f"{OUTCOMES_JOB} updated the experiment with them"
+    )
+    for event in result.get_asset_materialization_events():
+        if event.materialization.asset_key == dg.AssetKey([PLAYBOOK, "experiment"]):
+            return {k: v.value for k, v in event.materialization.metadata.items()}, observed
+    return None, observed
+
+
+def print_experiment(
+    metadata: Mapping[str, Any] | None, days: Sequence[str], *, observed: int, exposed: int
+) -> None:
+    """Where the experiment stands: its status, each variant's figures, the holdout, and how
+    many of the exposed customers' outcomes have come in."""
+    print()
+    if metadata is None:
+        print(f"Experiment {EXPERIMENT}: no outcome day has ended yet")
+        return
+    print(f"Experiment {EXPERIMENT} after the outcomes of {days[0]} to {days[-1]}")
+    print(
+        f"  status: {metadata['status']}"
+        + (f", winner {metadata['winner']}" if metadata["winner"] else "")
+    )
+    print(f"  decision: {metadata['decision']}")
+    variants = sorted(str(k).split("/", 1)[1] for k in metadata if str(k).startswith("n/"))
+    print(f"  {'variant':<12} {'customers':>9} {'retained':>9} {'P(best)':>8} {'next weight':>12}")
+    for variant in variants:
+        print(
+            f"  {variant:<12} {int(metadata[f'n/{variant}']):>9,} "
+            f"{float(metadata[f'rate/{variant}']):>9.1%} "
+            f"{float(metadata[f'probability_best/{variant}']):>8.2f} "
+            f"{float(metadata[f'weight/{variant}']):>12.2f}"
+        )
+    print(
+        f"  {'held out':<12} {int(metadata['holdout_n']):>9,} "
+        f"{float(metadata['holdout_rate']):>9.1%}   (no email: the control group)"
+    )
+    print(
+        f"  outcomes so far: {observed:,} of the {exposed:,} customers exposed; until a "
+        "customer's outcome comes (within 14 days) it counts as not retained"
+    )
+
+
 def run(partition: str, *, verbose: bool = False) -> int:
     """Run the churn story for one churn_scores partition.
 
@@ -354,9 +492,11 @@ def run(partition: str, *, verbose: bool = False) -> int:
         crm = stack.enter_context(CrmReceiver(secret, crm_db_path()))
         say(f"receivers: SMTP sink on 127.0.0.1:{sink.port} -> {mailbox}")
         say(f"receivers: CRM on {crm.url} -> {crm.db_path}")
-        ledger = ActionLedger(ledger_url)
+        clock = PartitionClock.scored(partition)
+        ledger = ActionLedger(ledger_url, clock=clock)
         stack.callback(ledger.dispose)
         say(f"ledger: {ledger.display_url}")
+        say(f"ledger clock: the calendar of {partition}, from {clock():%H:%M} UTC")
         defs = build_defs(
             build_churn_execution_defs(
                 channels=churn_channels(smtp_port=sink.port, crm_url=crm.url), ledger=ledger
@@ -387,5 +527,11 @@ def run(partition: str, *, verbose: bool = False) -> int:
             new_emails=new_emails,
             received=sink.deliveries,
         )
+        days = outcome_days(partition, daily_partitions.get_last_partition_key())
+        metadata, observed = observe_outcomes(
+            defs, instance, ledger, clock, days, run_config=run_config
+        )
+        exposed = int(ledger.exposures_frame(PLAYBOOK)["entity_id"].nunique())
+        print_experiment(metadata, days, observed=observed, exposed=exposed)
     say("done" if ok else "done, but the receivers disagree with the ledger (see above)")
     return 0 if ok else 1

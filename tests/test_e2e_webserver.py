@@ -242,8 +242,9 @@ def test_graphql_summary_metadata_of_an_executed_partition(served: Served) -> No
     assert {a: t["succeeded"] for a, t in by_action.items()} == {
         a: t["succeeded"] for a, t in report["by_action"].items()
     }
-    # No always-zero series: this playbook has no holdout and runs for real.
-    assert not {"held_out", "dry_run", "pending"} & set(entries)
+    # The control group is a series (holdout_fraction 0.1); no always-zero ones: it runs for real.
+    assert entries["held_out"]["intValue"] == report["held_out"] > 0
+    assert not {"dry_run", "pending"} & set(entries)
     assert entries["cooled_down"]["intValue"] == 0  # it has a cooldown: the zero is news
     summary = entries["summary"]["mdStr"]
     assert f"**{report['flagged']:,}** of {report['total']:,} entities flagged" in summary
