@@ -8,7 +8,11 @@
 - stock replenishment: ``sales_history -> demand_forecast_model -> stock_shortages`` (daily),
   acted on by the ``stock_replenishment`` playbook (quotes, the cheapest supplier in time, a
   draft purchase order, procurement's approval above 5,000, submission, follow-ups until the
-  supplier answers, the inventory; orders that cannot be completed to a person).
+  supplier answers, the inventory; orders that cannot be completed to a person);
+- campaigns: ``campaign_metrics -> campaign_click_insight -> campaign_sends`` (daily), acted on by
+  the ``campaign_optimisation`` playbook (a subject-line by call-to-action experiment on the next
+  sends of underperforming campaigns), judged by ``campaign_outcomes`` (the tracking endpoint's
+  opens, clicks and unsubscribes, daily) through ``campaign_optimisation/experiment``.
 
 Loaded by ``dagster-webserver -w workspace.yaml`` and ``dagster-daemon run -w workspace.yaml``.
 Each execution layer is configured from the environment (see :mod:`resources.channels`,
@@ -18,11 +22,14 @@ building the definitions opens no database and no connection.
 
 import dagster as dg
 
-from assets import churn_assets, host_assets, stock_assets
+from assets import campaign_assets, churn_assets, host_assets, stock_assets
 from sensors import (
+    build_campaign_execution_defs,
     build_churn_execution_defs,
     build_host_remediation_execution_defs,
     build_stock_replenishment_execution_defs,
+    campaign_day_job,
+    campaign_tracking_job,
     churn_scoring_job,
     churn_scoring_schedule,
     host_scoring_job,
@@ -37,6 +44,7 @@ def build_defs(
     *,
     host_execution: dg.Definitions | None = None,
     stock_execution: dg.Definitions | None = None,
+    campaign_execution: dg.Definitions | None = None,
 ) -> dg.Definitions:
     """Every story's assets, scoring jobs and schedules, merged with their execution layers.
 
@@ -47,13 +55,21 @@ def build_defs(
             the environment.
         stock_execution: The stock-replenishment playbook's execution layer; None builds it
             from the environment.
+        campaign_execution: The campaign-optimisation playbook's execution layer; None builds
+            it from the environment.
 
     Returns:
         The deployment's definitions.
     """
     pipelines = dg.Definitions(
-        assets=[*churn_assets, *host_assets, *stock_assets],
-        jobs=[churn_scoring_job, host_scoring_job, stock_scoring_job],
+        assets=[*churn_assets, *host_assets, *stock_assets, *campaign_assets],
+        jobs=[
+            churn_scoring_job,
+            host_scoring_job,
+            stock_scoring_job,
+            campaign_day_job,
+            campaign_tracking_job,
+        ],
         schedules=[churn_scoring_schedule, host_scoring_schedule, stock_scoring_schedule],
     )
     return dg.Definitions.merge(
@@ -63,6 +79,7 @@ def build_defs(
         stock_execution
         if stock_execution is not None
         else build_stock_replenishment_execution_defs(),
+        campaign_execution if campaign_execution is not None else build_campaign_execution_defs(),
     )
 
 

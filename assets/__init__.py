@@ -2,6 +2,13 @@
 remediation (``assets.hosts``) and stock replenishment (``assets.stock``), the model outputs the
 library acts on."""
 
+from assets.campaigns import (
+    campaign_click_insight,
+    campaign_metrics,
+    campaign_outcomes,
+    campaign_partitions,
+    campaign_sends,
+)
 from assets.customers import (
     DAILY_CUSTOMERS,
     FEATURES,
@@ -51,6 +58,7 @@ from assets.stock import (
 churn_assets = [raw_customers, churn_model, churn_scores, churn_outcomes]
 host_assets = [host_metrics_history, host_anomaly_model, host_anomalies]
 stock_assets = [sales_history, demand_forecast_model, stock_shortages]
+campaign_assets = [campaign_metrics, campaign_click_insight, campaign_sends, campaign_outcomes]
 
 __all__ = [
     "ANOMALY_THRESHOLD",
@@ -63,6 +71,12 @@ __all__ = [
     "TRAINING_CUSTOMERS",
     "DemandForecastModel",
     "HostAnomalyModel",
+    "campaign_assets",
+    "campaign_click_insight",
+    "campaign_metrics",
+    "campaign_outcomes",
+    "campaign_partitions",
+    "campaign_sends",
     "churn_assets",
     "churn_model",
     "churn_outcomes",

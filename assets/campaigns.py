@@ -47,8 +47,8 @@ CAMPAIGN_SEED = 11
 METRICS_SEED = 2026
 # A campaign is underperforming below this share of its segment's benchmark click rate.
 UNDERPERFORMING_RATIO = 0.8
-# Recipients of one campaign's next send (about 15 flagged campaigns: ~1,500 emails a day).
-SEND_SIZE = 100
+# Recipients of one campaign's next send (about 20 flagged campaigns: ~1,250 emails a day).
+SEND_SIZE = 60
 PREVIEW_ROWS = 10
 PLAYBOOK_NAME = "campaign_optimisation"
 # The execution layer's actions asset, which the outcomes follow in the lineage.
@@ -342,7 +342,8 @@ def read_outcomes(tracking_db: str | Path, day: dt.date) -> pd.DataFrame:
         day: The day.
 
     Returns:
-        One row per recorded event with the columns of ``OUTCOME_COLUMNS``, in time order:
+        One row per recipient and event time with the columns of ``OUTCOME_COLUMNS``, in time
+        order:
         ``occurred_at`` aware UTC; ``opened``, ``clicked`` and ``unsubscribed`` 0/1 (a click
         or an unsubscribe is an open too). Repeated opens the endpoint deduplicated are not
         there.
@@ -359,7 +360,7 @@ def read_outcomes(tracking_db: str | Path, day: dt.date) -> pd.DataFrame:
                 (start.isoformat(), end.isoformat()),
             ).fetchall()
     flags = np.array([_EVENT_FLAGS[kind] for _, _, kind in records], dtype=np.int64).reshape(-1, 3)
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         {
             "recipient_id": pd.Series([r for r, _, _ in records], dtype="str"),
             "occurred_at": pd.to_datetime([t for _, t, _ in records], utc=True, format="ISO8601"),
@@ -368,6 +369,14 @@ def read_outcomes(tracking_db: str | Path, day: dt.date) -> pd.DataFrame:
             "unsubscribed": flags[:, 2],
         },
         columns=list(OUTCOME_COLUMNS),
+    )
+    # Outcome tables hold one row per recipient and time: two events at the same instant (a
+    # click and an unsubscribe from one page) are one row with both flags.
+    return (
+        frame.groupby(["recipient_id", "occurred_at"], as_index=False, sort=False)
+        .max()
+        .sort_values(["occurred_at", "recipient_id"], kind="stable")
+        .reset_index(drop=True)
     )
 
 

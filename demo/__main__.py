@@ -1,7 +1,7 @@
 """``make demo``: the reference deployment's stories end to end, in one process, without the UI.
 
 ``python -m demo`` tells every story in turn; ``python -m demo churn``, ``python -m demo hosts`` or
-``python -m demo stock`` tells one:
+``python -m demo stock`` or ``python -m demo campaigns`` tells one:
 
 - churn (:mod:`demo.churn`): a churn model scores 20,000 customers for a day; retention emails
   and CRM tasks go out, complex cases go to a person; the mailbox and the CRM are checked
@@ -15,6 +15,11 @@
   supplier API; orders above 5,000 wait for procurement (emails with signed links, the command
   line), the rest go out at once; follow-ups until the supplier answers, then the inventory; the
   supplier API's record, the ledger and the inventory are checked against each other.
+- campaigns (:mod:`demo.campaigns`): over simulated days, the next sends of underperforming email
+  campaigns test a grid of subject lines by calls to action; a simulated audience with known true
+  click rates opens and clicks through the local tracking endpoint; Thompson sampling moves the
+  traffic, the winner is promoted and the learnings written; the true best is compared with the
+  promoted variant, and the mailbox and the tracking endpoint with the ledger.
 
 Run again, each story sends nothing and says so.
 """
@@ -27,7 +32,7 @@ from collections.abc import Sequence
 from demo import prepare_dagster_home
 from demo.runs import say
 
-STORIES = ("churn", "hosts", "stock")
+STORIES = ("churn", "hosts", "stock", "campaigns")
 
 
 def _day(value: str) -> str:
@@ -58,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit code: 0 when every story ran and its destinations agree with the ledger.
     """
+    from demo.campaigns import DEFAULT_DAYS, DEFAULT_START
     from demo.churn import DEFAULT_PARTITION
     from demo.hosts import DEFAULT_HOUR
     from demo.stock import DEFAULT_DAY
@@ -68,16 +74,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "summarise, and check each destination's own record against the ledger.",
         epilog="Stories: 'churn' (retention emails and CRM tasks for one day's churn scores), "
         "'hosts' (remediation workflows for one hour's anomalous hosts, against the local "
-        "infrastructure API, on an injected clock) and 'stock' (purchase orders for one day's "
+        "infrastructure API, on an injected clock), 'stock' (purchase orders for one day's "
         "stock shortages, with approvals above 5,000, against the local supplier API, on an "
-        "injected clock). Without a story, all run: churn, hosts, then stock.",
+        "injected clock) and 'campaigns' (a subject-line experiment on the next sends of weak "
+        "email campaigns over simulated days, against the local tracking endpoint). Without a "
+        "story, all run: churn, hosts, stock, then campaigns.",
     )
     parser.add_argument(
         "story",
         nargs="?",
         choices=[*STORIES, "all"],
         default="all",
-        help="the story to tell: churn, hosts, stock, or all (default: all, in that order)",
+        help="the story to tell: churn, hosts, stock, campaigns, or all (default: all, in that "
+        "order)",
     )
     parser.add_argument(
         "--partition",
@@ -97,6 +106,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DEFAULT_DAY,
         help=f"stock: the stock_shortages day to score and act on (default {DEFAULT_DAY})",
     )
+    parser.add_argument(
+        "--campaign-start",
+        type=_day,
+        default=DEFAULT_START,
+        help=f"campaigns: the first simulated day (default {DEFAULT_START})",
+    )
+    parser.add_argument(
+        "--campaign-days",
+        type=int,
+        default=DEFAULT_DAYS,
+        help=f"campaigns: how many days to simulate (default {DEFAULT_DAYS})",
+    )
     parser.add_argument("--verbose", action="store_true", help="show Dagster's INFO logs")
     args = parser.parse_args(argv)
     stories = list(STORIES) if args.story == "all" else [args.story]
@@ -113,10 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from demo import hosts
 
             status |= hosts.run(args.hour, verbose=args.verbose)
-        else:
+        elif story == "stock":
             from demo import stock
 
             status |= stock.run(args.day, verbose=args.verbose)
+        else:
+            from demo import campaigns
+
+            status |= campaigns.run(args.campaign_start, args.campaign_days, verbose=args.verbose)
         print()
     return status
 

@@ -71,12 +71,14 @@ def _part(message: Message, subtype: str) -> str | None:
     if isinstance(message, EmailMessage):
         body = message.get_body(preferencelist=(subtype,))
         if body is not None and isinstance(body, EmailMessage):
-            return str(body.get_content())
+            # SMTP carries CRLF line ends; the text is read line by line.
+            return str(body.get_content()).replace("\r\n", "\n")
     for part in message.walk():
         if part.get_content_type() == f"text/{subtype}":
             payload = part.get_payload(decode=True)
             if isinstance(payload, bytes):
-                return payload.decode(part.get_content_charset() or "utf-8", "replace")
+                text = payload.decode(part.get_content_charset() or "utf-8", "replace")
+                return text.replace("\r\n", "\n")
     return None
 
 

@@ -4,7 +4,7 @@ truth the simulated audience reacts by.
 :func:`variant_grid` builds the variants of the playbook's experiment
 (``resources/campaign_playbook.yaml``): one per subject line and call to action, named
 ``s<i>_cta<j>`` (1-based), each overriding the email channel's ``subject``, ``template`` and
-``html_template``. The bodies are written once with a placeholder that the grid fills per
+``html_template`` (two subject lines by two calls to action: four variants). The bodies are written once with a placeholder that the grid fills per
 variant, ``${call_to_action}`` (``string.Template`` syntax, which leaves the Jinja2 ``{{ ... }}``
 of the channel's templates alone); the subject line stays out of the body, so every variant with
 the same call to action has the same body (the playbook YAML writes each body once). Each body carries the per-recipient
@@ -15,8 +15,8 @@ tracking links the channel adds at send time (:mod:`resources.campaign_channels`
 The truth. :data:`TRUE_CLICK_RATES` is what each variant really achieves: the share of recipients
 who click its link, whatever day and campaign. The demo never shows it to the library; it
 compares the experiment's decision with it at the end: the true best (:func:`true_best`, one
-clear winner at +50% over the control) against the promoted variant, and the true lift
-(:func:`true_lift`) against the estimated one. :data:`TRUE_OPEN_RATES` is the share who open an
+clear winner, ``s2_cta2`` at +50% over the control ``s1_cta1``) against the promoted variant, and
+the true lift (:func:`true_lift`) against the estimated one. :data:`TRUE_OPEN_RATES` is the share who open an
 email, by subject line (what people see before opening); the click rates never exceed them.
 """
 
@@ -43,7 +43,6 @@ __all__ = [
 SUBJECTS: tuple[str, ...] = (
     "{{ campaign_name }}: new this week",
     "{{ name.split(' ')[0] }}, we picked these for you",
-    "Last chance: {{ campaign_name }} ends soon",
 )
 # Calls to action: the sentence the link follows. Index j gives the variant's `cta<j+1>`.
 CALLS_TO_ACTION: tuple[str, ...] = (
@@ -79,18 +78,20 @@ HTML_TEMPLATE = """\
 </body></html>
 """
 
-# The truth (see the module docstring). Base 3% for the control; the discount with the
-# personal subject is the one clear winner (+50%); urgency puts people off.
+# The truth (see the module docstring). The control clicks at 8%; the personal subject line
+# with the discount is the one clear winner (+50%); each alone does a little worse than the
+# control (a discount under an impersonal subject reads as spam, a personal subject over "see
+# what is new" promises more than it gives). Rates this high (engaged lists) let a 2 x 2 grid be
+# decided in about a week of ~1,100 treated recipients a day by a stopping rule that stays
+# honest under daily looks (always-valid intervals); at 3% it would take a month.
 TRUE_CLICK_RATES: dict[str, float] = {
-    "s1_cta1": 0.030,
-    "s1_cta2": 0.033,
-    "s2_cta1": 0.032,
-    "s2_cta2": 0.045,
-    "s3_cta1": 0.024,
-    "s3_cta2": 0.027,
+    "s1_cta1": 0.080,
+    "s1_cta2": 0.072,
+    "s2_cta1": 0.070,
+    "s2_cta2": 0.120,
 }
-# Share of recipients who open, by subject line (s1, s2, s3).
-TRUE_OPEN_RATES: dict[str, float] = {"s1": 0.24, "s2": 0.30, "s3": 0.20}
+# Share of recipients who open, by subject line (s1, s2).
+TRUE_OPEN_RATES: dict[str, float] = {"s1": 0.30, "s2": 0.36}
 # Share of openers who unsubscribe, the same for every variant (far below the 2% guardrail).
 TRUE_UNSUBSCRIBE_RATE = 0.004
 

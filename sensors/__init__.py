@@ -9,9 +9,17 @@
 - :mod:`sensors.stock_replenishment`: the stock-replenishment playbook's execution layer over
   ``stock_shortages`` (with the workflows sensor that follows up orders and applies approvals).
 - :mod:`sensors.stock_scoring`: the daily job and schedule that produce ``stock_shortages``.
+- :mod:`sensors.campaigns`: the campaign-optimisation playbook's execution layer over
+  ``campaign_sends``, with the experiment updated from ``campaign_outcomes``, and the daily jobs
+  that produce both.
 - :mod:`sensors.settings`: the sensors' status and interval, shared by every story.
 """
 
+from sensors.campaigns import (
+    build_campaign_execution_defs,
+    campaign_day_job,
+    campaign_tracking_job,
+)
 from sensors.churn_execution import build_churn_execution_defs
 from sensors.churn_scoring import churn_scoring_job, churn_scoring_schedule
 from sensors.host_remediation import build_host_remediation_execution_defs
@@ -28,9 +36,12 @@ from sensors.stock_scoring import stock_scoring_job, stock_scoring_schedule
 __all__ = [
     "SENSOR_INTERVAL_ENV",
     "SENSOR_STATUS_ENV",
+    "build_campaign_execution_defs",
     "build_churn_execution_defs",
     "build_host_remediation_execution_defs",
     "build_stock_replenishment_execution_defs",
+    "campaign_day_job",
+    "campaign_tracking_job",
     "churn_scoring_job",
     "churn_scoring_schedule",
     "host_scoring_job",
