@@ -18,6 +18,8 @@ from autoexec_dagster.experiments.statistics import (
     srm_p_value,
     thompson_weights,
     thompson_weights_gaussian,
+    top_two_weights,
+    top_two_weights_gaussian,
 )
 
 
@@ -527,3 +529,202 @@ def test_thompson_weights_gaussian() -> None:
         names=["a", "b"],
     )
     assert weights.tolist() == [0.5, 0.5] and reason == "equal: a has 50 of 100 samples"
+
+
+def _random_arms(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    k = int(rng.integers(1, 9))
+    n = rng.integers(0, 50_000, size=k)
+    conversions = rng.binomial(n, rng.uniform(0, 0.3, size=k))
+    live = rng.uniform(size=k) < 0.8
+    live[rng.integers(k)] = True
+    return conversions, n, live
+
+
+def test_top_two_weights_sum_to_one_and_respect_the_floor() -> None:
+    rng = np.random.default_rng(13)
+    for _ in range(60):
+        conversions, n, live = _random_arms(rng)
+        floor = float(rng.choice([0.0, 0.01, 0.05, 0.2]))
+        beta = float(rng.choice([0.0, 0.25, 0.5, 0.9]))
+        weights, reason = top_two_weights(
+            conversions,
+            n,
+            live=live,
+            min_samples=int(rng.integers(0, 2000)),
+            beta=beta,
+            floor=floor,
+        )
+        assert weights.sum() == pytest.approx(1.0, abs=1e-12)
+        assert np.all(weights[~live] == 0)
+        assert np.all(weights[live] >= min(floor, 1 / live.sum()) - 1e-12)
+        assert reason.startswith(("top-two thompson", "equal:", "single live arm"))
+
+
+def test_top_two_with_beta_one_is_thompson() -> None:
+    rng = np.random.default_rng(17)
+    for _ in range(40):
+        conversions, n, live = _random_arms(rng)
+        options: dict[str, Any] = {
+            "live": live,
+            "min_samples": int(rng.integers(0, 2000)),
+            "floor": float(rng.choice([0.0, 0.01, 0.1])),
+        }
+        weights, reason = top_two_weights(conversions, n, beta=1.0, **options)
+        expected_weights, expected_reason = thompson_weights(conversions, n, **options)
+        np.testing.assert_array_equal(weights, expected_weights)
+        assert reason == expected_reason
+        means = rng.normal(5.0, 1.0, size=n.size)
+        variances = rng.uniform(0.0, 0.5, size=n.size)
+        weights, reason = top_two_weights_gaussian(means, variances, n, beta=1.0, **options)
+        expected_weights, expected_reason = thompson_weights_gaussian(
+            means, variances, n, **options
+        )
+        np.testing.assert_array_equal(weights, expected_weights)
+        assert reason == expected_reason
+
+
+def test_top_two_symmetric_arms_share_equally() -> None:
+    weights, _reason = top_two_weights([50] * 4, [500] * 4, live=[True] * 4, min_samples=1)
+    np.testing.assert_allclose(weights, 0.25, atol=1e-12)
+    # Two equal losers behind a clear leader: the leader keeps beta, the losers split the rest.
+    weights, reason = top_two_weights(
+        [1000, 1000, 1300], [10_000] * 3, live=[True] * 3, min_samples=1, names=["a", "b", "c"]
+    )
+    assert weights[0] == pytest.approx(weights[1], abs=1e-12)
+    np.testing.assert_allclose(weights, [0.25, 0.25, 0.5], atol=1e-9)
+    assert reason == (
+        "top-two thompson (beta 0.5): P(best) a 0.00, b 0.00, c 1.00; "
+        "runner-up a 0.50, b 0.50, c 0.00; floor 1%"
+    )
+    weights, _reason = top_two_weights_gaussian(
+        [2.0, 2.0, 2.0], [0.1, 0.1, 0.1], [100] * 3, live=[True] * 3, min_samples=1
+    )
+    np.testing.assert_allclose(weights, 1 / 3, atol=1e-12)
+
+
+def _runner_up_by_subsets(conversions: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """P(i runner-up) from the definition, one beta_binomial_best call per subset."""
+    probability, _loss = beta_binomial_best(conversions, n)
+    runner = np.zeros(n.size)
+    for j in range(n.size):
+        rest = np.delete(np.arange(n.size), j)
+        runner[rest] += probability[j] * beta_binomial_best(conversions[rest], n[rest])[0]
+    return runner
+
+
+@pytest.mark.parametrize(
+    ("conversions", "n", "beta"),
+    [
+        ([3, 5, 4], [40, 40, 40], 0.5),
+        ([100, 110, 95, 120, 118], [1000] * 5, 0.3),
+        ([0, 0, 1], [500, 500, 500], 0.5),
+        ([1000, 1010, 1020, 990, 1005, 1000, 995, 1015, 1030, 980], [10_000] * 10, 0.7),
+        ([120, 4, 3000, 17], [1000, 40, 30_000, 170], 0.5),
+    ],
+)
+def test_top_two_weights_are_the_definition_on_subsets(
+    conversions: list[int], n: list[int], beta: float
+) -> None:
+    # The shared-node quadrature against a separate integration of every subset.
+    successes, trials = np.asarray(conversions, dtype=float), np.asarray(n, dtype=float)
+    weights, _reason = top_two_weights(
+        successes, trials, live=[True] * trials.size, min_samples=0, beta=beta, floor=0.0
+    )
+    probability, _loss = beta_binomial_best(successes, trials)
+    expected = beta * probability + (1 - beta) * _runner_up_by_subsets(successes, trials)
+    np.testing.assert_allclose(weights, expected, atol=1e-9)
+
+
+def _top_two_monte_carlo(
+    draw: Any, k: int, beta: float, rng: np.random.Generator, draws: int
+) -> np.ndarray:
+    """Frequencies of the top-two rule: the best of a posterior draw with probability beta,
+    else the best of an independent re-draw among the arms other than that first best."""
+    first = draw(draws).argmax(axis=1)
+    second = draw(draws)
+    second[np.arange(draws), first] = -np.inf
+    chosen = np.where(rng.uniform(size=draws) < beta, first, second.argmax(axis=1))
+    return np.bincount(chosen, minlength=k) / draws
+
+
+@pytest.mark.parametrize(
+    ("conversions", "n", "beta", "seed"),
+    [
+        ([3, 5, 4], [40, 40, 40], 0.5, 1),
+        ([100, 110, 95, 120, 118], [1000] * 5, 0.3, 2),
+        ([1000, 1000, 1200], [10_000] * 3, 0.5, 3),
+        ([200, 180], [1000, 1000], 0.6, 4),
+    ],
+)
+def test_top_two_weights_match_a_seeded_monte_carlo_of_the_rule(
+    conversions: list[int], n: list[int], beta: float, seed: int
+) -> None:
+    draws = 400_000
+    successes, trials = np.asarray(conversions), np.asarray(n)
+    rng = np.random.default_rng(seed)
+    frequency = _top_two_monte_carlo(
+        lambda size: rng.beta(1 + successes, 1 + trials - successes, size=(size, trials.size)),
+        trials.size,
+        beta,
+        rng,
+        draws,
+    )
+    weights, _reason = top_two_weights(
+        conversions, n, live=[True] * trials.size, min_samples=0, beta=beta, floor=0.0
+    )
+    se = np.sqrt(frequency * (1 - frequency) / draws)
+    assert np.all(np.abs(weights - frequency) <= 5 * se + 1e-9)
+
+
+def test_top_two_weights_gaussian_match_a_seeded_monte_carlo_of_the_rule() -> None:
+    means = np.array([0.5, 0.52, 0.49, 0.55, 0.51])
+    variances = np.array([0.001, 0.0004, 0.002, 0.003, 0.0001])
+    draws = 400_000
+    rng = np.random.default_rng(23)
+    frequency = _top_two_monte_carlo(
+        lambda size: rng.normal(means, np.sqrt(variances), size=(size, means.size)),
+        means.size,
+        0.5,
+        rng,
+        draws,
+    )
+    weights, reason = top_two_weights_gaussian(
+        means, variances, [100] * 5, live=[True] * 5, min_samples=0, floor=0.0
+    )
+    se = np.sqrt(frequency * (1 - frequency) / draws)
+    assert np.all(np.abs(weights - frequency) <= 5 * se + 1e-9)
+    assert reason.startswith("top-two thompson (beta 0.5): P(best) arm 0 ")
+
+
+def test_top_two_weights_two_arms_lone_arm_and_gates() -> None:
+    # Two live arms: the runner-up is the other arm, so beta 0.5 splits evenly whatever the data.
+    conversions, n = [100, 140], [1000, 1000]
+    probability, _loss = beta_binomial_best(conversions, n)
+    weights, _reason = top_two_weights(conversions, n, live=[True, True], min_samples=1)
+    np.testing.assert_allclose(weights, [0.5, 0.5], atol=1e-12)
+    weights, _reason = top_two_weights(
+        conversions, n, live=[True, True], min_samples=1, beta=0.8, floor=0.0
+    )
+    np.testing.assert_allclose(weights, 0.8 * probability + 0.2 * probability[::-1], atol=1e-12)
+    weights, reason = top_two_weights(
+        [10, 50, 60], [100, 500, 500], live=[False, True, False], min_samples=10
+    )
+    assert weights.tolist() == [0.0, 1.0, 0.0] and "single live arm" in reason
+    weights, reason = top_two_weights(
+        [30, 10, 12], [300, 120, 300], live=[True] * 3, min_samples=300, names=["a", "b", "c"]
+    )
+    np.testing.assert_allclose(weights, 1 / 3)
+    assert reason == "equal: b has 120 of 300 samples"
+    # Point masses only: no integral; the runner-up is the best of the rest, ties split.
+    weights, _reason = top_two_weights_gaussian(
+        [1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [10] * 3, live=[True] * 3, min_samples=1, floor=0.0
+    )
+    np.testing.assert_allclose(weights, [0.5, 0.5, 0.0], atol=1e-15)
+    weights, _reason = top_two_weights_gaussian(
+        [2.0, 1.0, 0.0], [0.0, 0.0, 0.0], [10] * 3, live=[True] * 3, min_samples=1, floor=0.0
+    )
+    np.testing.assert_allclose(weights, [0.5, 0.5, 0.0], atol=1e-15)
+    with pytest.raises(ValueError, match="beta"):
+        top_two_weights([1, 2], [10, 10], live=[True, True], min_samples=1, beta=1.5)
+    with pytest.raises(ValueError, match="live"):
+        top_two_weights_gaussian([1.0], [0.1], [10], live=[False], min_samples=1)

@@ -1,6 +1,8 @@
 """Experiment statistics: P(best), expected loss, lift intervals, SRM and Thompson weights.
 
-Pure numpy/scipy, no I/O and no Monte Carlo: every figure is deterministic for its inputs.
+Pure numpy/scipy, no I/O and no Monte Carlo: every figure is deterministic for its inputs. scipy
+is imported by the functions that need it, not with this module: ``import autoexec_dagster``
+reaches this module, and scipy.stats alone takes a few hundred milliseconds to import.
 
 - :func:`beta_binomial_best` and :func:`gaussian_best` give each arm's probability of being best
   and its expected loss (``E[max_j p_j - p_i]``) by one-dimensional numerical integration.
@@ -11,16 +13,16 @@ Pure numpy/scipy, no I/O and no Monte Carlo: every figure is deterministic for i
   in each period.
 - :func:`thompson_weights` and :func:`thompson_weights_gaussian` are batched Thompson sampling
   weights for the next period, with a floor per live arm.
+- :func:`top_two_weights` and :func:`top_two_weights_gaussian` are batched top-two Thompson
+  sampling weights (best-arm identification), floored likewise.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import special
-from scipy import stats as scipy_stats
 
 # The integration: each arm's posterior, from its 1e-14 to its 1 - 1e-14 quantile, is cut into
 # _PANELS_PER_ARM equal panels (a normal's panel is 0.64 sd wide); the panels of all arms are
@@ -104,6 +106,41 @@ def _best(cdf: np.ndarray, pdf: np.ndarray, weights: np.ndarray) -> tuple[np.nda
     return probability, np.maximum(loss, 0.0)
 
 
+def _best_without(
+    cdf: np.ndarray, pdf: np.ndarray, weights: np.ndarray, left_out: int
+) -> np.ndarray:
+    """P(best) among the arms other than ``left_out``, on the nodes of all the arms (0 for it).
+
+    An arm left out is one whose CDF is 1 and density 0 everywhere: it beats no one and every
+    other arm beats it. The nodes of the full set are a refinement of the subset's own (its
+    panels plus the left-out arm's), so the integral is at least as accurate as on the subset's
+    nodes, and the expensive part, the CDFs and densities, is computed once for every subset.
+    """
+    cdf_rest = cdf.copy()
+    cdf_rest[left_out] = 1.0
+    pdf_rest = pdf.copy()
+    pdf_rest[left_out] = 0.0
+    probability = (pdf_rest * _exclusive_products(cdf_rest)) @ weights
+    total = probability.sum()
+    if total > 0:
+        return probability / total
+    share = np.full(cdf.shape[0], 1.0 / (cdf.shape[0] - 1))
+    share[left_out] = 0.0
+    return share
+
+
+def _runner_up(probability: np.ndarray, best_without: Callable[[int], np.ndarray]) -> np.ndarray:
+    """P(i is the runner-up) = sum over j != i of P(j best) * P(i best among the arms but j).
+
+    The terms with a leader of probability 0 are skipped: they add nothing, and an arm far
+    behind is common (its subset would be integrated for no effect).
+    """
+    runner = np.zeros(probability.size)
+    for j in np.flatnonzero(probability > 0):
+        runner += probability[j] * best_without(int(j))
+    return runner
+
+
 def _beta_at_nodes(
     alpha: np.ndarray, beta: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -114,6 +151,8 @@ def _beta_at_nodes(
     its mass there must be integrated. (1 - x is exact for x >= 1/2, so linear panels convert
     without loss.)
     """
+    from scipy import special
+
     low = special.betaincinv(alpha, beta, _TAIL)
     from_one = special.betaincinv(beta, alpha, _TAIL)  # 1 - the upper quantile, to full precision
     lower = [np.array([0.5])]  # x coordinates in [0, 1/2]
@@ -170,6 +209,17 @@ def beta_binomial_best(
         ValueError: The arrays differ in length, are empty or not finite, a count is negative,
             conversions exceed n, or a prior parameter is not positive.
     """
+    successes, trials = _counts(conversions, n, prior_alpha, prior_beta)
+    if successes.size == 1:
+        return np.ones(1), np.zeros(1)
+    cdf, pdf, weights = _beta_at_nodes(prior_alpha + successes, prior_beta + trials - successes)
+    return _best(cdf, pdf, weights)
+
+
+def _counts(
+    conversions: ArrayLike, n: ArrayLike, prior_alpha: float, prior_beta: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The validated successes and trials of a Beta-Binomial model."""
     successes = _as_1d(conversions, "conversions")
     trials = _as_1d(n, "n")
     if successes.shape != trials.shape:
@@ -178,10 +228,7 @@ def beta_binomial_best(
         raise ValueError("conversions must lie between 0 and n for every arm")
     if not (prior_alpha > 0 and prior_beta > 0):
         raise ValueError(f"the prior must be positive, got ({prior_alpha}, {prior_beta})")
-    if successes.size == 1:
-        return np.ones(1), np.zeros(1)
-    cdf, pdf, weights = _beta_at_nodes(prior_alpha + successes, prior_beta + trials - successes)
-    return _best(cdf, pdf, weights)
+    return successes, trials
 
 
 def gaussian_best(means: ArrayLike, variances_of_mean: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -204,6 +251,19 @@ def gaussian_best(means: ArrayLike, variances_of_mean: ArrayLike) -> tuple[np.nd
         ValueError: The arrays differ in length, are empty or not finite, or a variance is
             negative.
     """
+    centre, variance = _normal_posteriors(means, variances_of_mean)
+    if centre.size == 1:
+        return np.ones(1), np.zeros(1)
+    if not np.any(variance > 0):
+        top = centre == centre.max()
+        return top / top.sum(), centre.max() - centre
+    return _best(*_normal_at_nodes(centre, variance))
+
+
+def _normal_posteriors(
+    means: ArrayLike, variances_of_mean: ArrayLike
+) -> tuple[np.ndarray, np.ndarray]:
+    """The validated means and variances of normal posteriors."""
     centre = _as_1d(means, "means")
     variance = _as_1d(variances_of_mean, "variances_of_mean")
     if centre.shape != variance.shape:
@@ -212,11 +272,18 @@ def gaussian_best(means: ArrayLike, variances_of_mean: ArrayLike) -> tuple[np.nd
         )
     if np.any(variance < 0):
         raise ValueError(f"variances_of_mean must be >= 0, got {variance.tolist()}")
-    if centre.size == 1:
-        return np.ones(1), np.zeros(1)
-    if not np.any(variance > 0):
-        top = centre == centre.max()
-        return top / top.sum(), centre.max() - centre
+    return centre, variance
+
+
+def _normal_at_nodes(
+    centre: np.ndarray, variance: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each normal posterior's CDF and density at quadrature nodes spanning all of them.
+
+    At least one variance must be positive; a zero one is widened to a near point mass.
+    """
+    from scipy import special
+
     sd = np.sqrt(variance)
     scale = max(float(np.max(np.abs(centre))), float(np.max(sd)))
     floor = _POINT_MASS_SD * (scale if scale > 0 else 1.0)
@@ -227,7 +294,7 @@ def gaussian_best(means: ArrayLike, variances_of_mean: ArrayLike) -> tuple[np.nd
     )
     z = (nodes[None, :] - centre[:, None]) / sd[:, None]
     pdf = np.exp(-0.5 * z * z) / (sd[:, None] * math.sqrt(2.0 * math.pi))
-    return _best(special.ndtr(z), pdf, weights)
+    return special.ndtr(z), pdf, weights
 
 
 def _nan_interval(estimate: float) -> Interval:
@@ -243,6 +310,8 @@ def _welch_df(var_t: float, n_t: float, var_c: float, n_c: float) -> float:
 def _t_interval(estimate: float, variance: float, df: float, confidence: float) -> Interval:
     if not (variance > 0 and math.isfinite(variance) and df > 0 and math.isfinite(estimate)):
         return _nan_interval(estimate)
+    from scipy import stats as scipy_stats
+
     se = math.sqrt(variance)
     width = float(scipy_stats.t.ppf(0.5 + confidence / 2, df)) * se
     p_value = 2.0 * float(scipy_stats.t.sf(abs(estimate) / se, df))
@@ -403,6 +472,8 @@ def srm_p_value(observed: ArrayLike | Sequence[Sequence[float]], expected_share:
     expected = totals[:, None] * weights / safe_totals[:, None]
     safe_expected = np.where(live, expected, 1.0)
     statistic = float(np.sum(np.where(live, (counts - expected) ** 2 / safe_expected, 0.0)))
+    from scipy import stats as scipy_stats
+
     return float(scipy_stats.chi2.sf(statistic, dof))
 
 
@@ -451,7 +522,7 @@ def _arm_names(names: Sequence[str] | None, k: int) -> list[str]:
 
 
 def _allocate(
-    probability_of_live: Any,
+    share_of_live: Callable[[list[str]], tuple[np.ndarray, str]],
     counts: np.ndarray,
     mask: np.ndarray,
     *,
@@ -459,7 +530,11 @@ def _allocate(
     floor: float,
     names: list[str],
 ) -> tuple[np.ndarray, str]:
-    """Shared tail of the Thompson allocations: equal until min_samples, then floored P(best)."""
+    """Shared tail of the Thompson allocations: equal until min_samples, then the floored share.
+
+    ``share_of_live`` is called with the live arms' names only when the share is needed (two or
+    more live arms, all with min_samples) and returns it with the reason's text before the floor.
+    """
     if not 0 <= floor <= 1:
         raise ValueError(f"floor must lie between 0 and 1, got {floor}")
     weights = np.zeros(counts.size)
@@ -475,10 +550,43 @@ def _allocate(
     if live_index.size == 1:
         weights[live_index] = 1.0
         return weights, f"single live arm: {names[live_index[0]]} takes all traffic"
-    probability = np.asarray(probability_of_live(), dtype=np.float64)
-    weights[live_index] = _floored(probability, floor)
-    shown = ", ".join(f"{names[i]} {p:.2f}" for i, p in zip(live_index, probability, strict=True))
-    return weights, f"thompson: P(best) {shown}; floor {floor:.0%}"
+    share, text = share_of_live([names[i] for i in live_index])
+    weights[live_index] = _floored(np.asarray(share, dtype=np.float64), floor)
+    return weights, f"{text}; floor {floor:.0%}"
+
+
+def _shown(names: list[str], values: np.ndarray) -> str:
+    return ", ".join(f"{name} {value:.2f}" for name, value in zip(names, values, strict=True))
+
+
+def _thompson_share(
+    probability_of_live: Callable[[], np.ndarray],
+) -> Callable[[list[str]], tuple[np.ndarray, str]]:
+    def share(live_names: list[str]) -> tuple[np.ndarray, str]:
+        probability = probability_of_live()
+        return probability, f"thompson: P(best) {_shown(live_names, probability)}"
+
+    return share
+
+
+def _top_two_share(
+    best_and_runner_up: Callable[[], tuple[np.ndarray, np.ndarray | None]], beta: float
+) -> Callable[[list[str]], tuple[np.ndarray, str]]:
+    def share(live_names: list[str]) -> tuple[np.ndarray, str]:
+        probability, runner = best_and_runner_up()
+        if runner is None:  # beta == 1: plain Thompson, to the bit and in the words
+            return probability, f"thompson: P(best) {_shown(live_names, probability)}"
+        return beta * probability + (1.0 - beta) * runner, (
+            f"top-two thompson (beta {beta:g}): P(best) {_shown(live_names, probability)}; "
+            f"runner-up {_shown(live_names, runner)}"
+        )
+
+    return share
+
+
+def _check_beta(beta: float) -> None:
+    if not 0 <= beta <= 1:
+        raise ValueError(f"beta must lie between 0 and 1, got {beta}")
 
 
 def thompson_weights(
@@ -527,9 +635,11 @@ def thompson_weights(
     if successes.shape != trials.shape:
         raise ValueError(f"conversions and n differ in length ({successes.size} and {trials.size})")
     return _allocate(
-        lambda: beta_binomial_best(
-            successes[mask], trials[mask], prior_alpha=prior_alpha, prior_beta=prior_beta
-        )[0],
+        _thompson_share(
+            lambda: beta_binomial_best(
+                successes[mask], trials[mask], prior_alpha=prior_alpha, prior_beta=prior_beta
+            )[0]
+        ),
         trials,
         mask,
         min_samples=min_samples,
@@ -576,7 +686,163 @@ def thompson_weights_gaussian(
         raise ValueError("means, variances_of_mean and n must have one value per arm each")
     mask = _live_mask(live, counts.size)
     return _allocate(
-        lambda: gaussian_best(centre[mask], variance[mask])[0],
+        _thompson_share(lambda: gaussian_best(centre[mask], variance[mask])[0]),
+        counts,
+        mask,
+        min_samples=min_samples,
+        floor=floor,
+        names=_arm_names(names, counts.size),
+    )
+
+
+def _beta_top_two(
+    successes: np.ndarray, trials: np.ndarray, prior_alpha: float, prior_beta: float, beta: float
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """P(best) and P(runner-up) of Beta posteriors; no runner-up at beta 1 (it has no weight)."""
+    if beta == 1:
+        probability = beta_binomial_best(
+            successes, trials, prior_alpha=prior_alpha, prior_beta=prior_beta
+        )[0]
+        return probability, None
+    cdf, pdf, weights = _beta_at_nodes(prior_alpha + successes, prior_beta + trials - successes)
+    probability, _loss = _best(cdf, pdf, weights)
+    return probability, _runner_up(probability, lambda j: _best_without(cdf, pdf, weights, j))
+
+
+def _normal_top_two(
+    centre: np.ndarray, variance: np.ndarray, beta: float
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """P(best) and P(runner-up) of normal posteriors; no runner-up at beta 1."""
+    if beta == 1:
+        return gaussian_best(centre, variance)[0], None
+    if not np.any(variance > 0):
+        # Point masses only: no integral, each subset's ties are counted directly.
+        def without(j: int) -> np.ndarray:
+            rest = gaussian_best(np.delete(centre, j), np.delete(variance, j))[0]
+            return np.insert(rest, j, 0.0)
+
+        probability = gaussian_best(centre, variance)[0]
+        return probability, _runner_up(probability, without)
+    cdf, pdf, weights = _normal_at_nodes(centre, variance)
+    probability, _loss = _best(cdf, pdf, weights)
+    return probability, _runner_up(probability, lambda j: _best_without(cdf, pdf, weights, j))
+
+
+def top_two_weights(
+    conversions: ArrayLike,
+    n: ArrayLike,
+    *,
+    live: Sequence[bool] | np.ndarray,
+    min_samples: int,
+    beta: float = 0.5,
+    floor: float = 0.01,
+    prior_alpha: float = 1.0,
+    prior_beta: float = 1.0,
+    names: Sequence[str] | None = None,
+) -> tuple[np.ndarray, str]:
+    """Batched top-two Thompson sampling weights for the next period, for a 0/1 metric.
+
+    Plain Thompson sampling minimises regret: it sends nearly all traffic to the leader, which
+    starves the arms the leader must be shown to beat. Top-two sampling (Russo 2016, "Simple
+    Bayesian algorithms for best-arm identification") is built to identify the best arm: a
+    share ``beta`` goes as Thompson would and the rest to a challenger, the best of an
+    independent posterior draw among the arms other than the leader. Computed exactly by
+    quadrature on the live arms' Beta-Binomial posteriors, not by sampling::
+
+        weight_i = beta * P(i best) + (1 - beta) * P(i runner-up)
+        P(i runner-up) = sum over j != i of P(j best) * P(i best among the arms other than j)
+
+    (Russo's TTTS re-draws until the draw's best differs from the leader, which gives
+    ``P(i best) / (1 - P(j best))`` in place of the inner term; the two agree for two arms and
+    both leave about ``1 - beta`` of the traffic to the arms other than a clear leader.) With two
+    live arms the runner-up is the other arm, so beta 0.5 splits them evenly. The floor, the
+    equal split until every live arm has ``min_samples`` trials, and the zero weight of arms
+    that are not live are those of :func:`thompson_weights`; ``beta=1`` is
+    :func:`thompson_weights`, weights and reason alike. Costs about one :func:`beta_binomial_best`
+    call: the posteriors are evaluated once and every subset reuses them.
+
+    Args:
+        conversions: Successes per arm, over all periods so far.
+        n: Trials per arm, over all periods so far.
+        live: One flag per arm; only live arms receive traffic.
+        min_samples: Trials every live arm needs before the weights follow the posteriors.
+        beta: The share that follows P(best), in [0, 1]; 0.5 is Russo's default.
+        floor: The minimum weight of a live arm (capped at 1 / live arms).
+        prior_alpha: The Beta prior's alpha.
+        prior_beta: The Beta prior's beta.
+        names: Arm names for the reason (``"arm 0"``, ``"arm 1"``, ... when left out).
+
+    Returns:
+        ``(weights, reason)``: the weights per arm (summing to 1) and one line saying why, such
+        as ``"top-two thompson (beta 0.5): P(best) a 0.01, b 0.02, c 0.97; runner-up a 0.49,
+        b 0.48, c 0.03; floor 1%"`` (the equal and single-arm reasons are those of
+        :func:`thompson_weights`).
+
+    Raises:
+        ValueError: The inputs are inconsistent (see :func:`beta_binomial_best`), no arm is live,
+            or ``beta`` or ``floor`` is outside [0, 1].
+    """
+    _check_beta(beta)
+    successes = _as_1d(conversions, "conversions")
+    trials = _as_1d(n, "n")
+    mask = _live_mask(live, trials.size)
+    labels = _arm_names(names, trials.size)
+    successes, trials = _counts(successes, trials, prior_alpha, prior_beta)
+    return _allocate(
+        _top_two_share(
+            lambda: _beta_top_two(successes[mask], trials[mask], prior_alpha, prior_beta, beta),
+            beta,
+        ),
+        trials,
+        mask,
+        min_samples=min_samples,
+        floor=floor,
+        names=labels,
+    )
+
+
+def top_two_weights_gaussian(
+    means: ArrayLike,
+    variances_of_mean: ArrayLike,
+    n: ArrayLike,
+    *,
+    live: Sequence[bool] | np.ndarray,
+    min_samples: int,
+    beta: float = 0.5,
+    floor: float = 0.01,
+    names: Sequence[str] | None = None,
+) -> tuple[np.ndarray, str]:
+    """Batched top-two Thompson sampling weights for a numeric metric, from normal posteriors.
+
+    As :func:`top_two_weights`, with the probabilities from normal posteriors
+    N(mean_i, variance_i) as in :func:`gaussian_best`; ``beta=1`` is
+    :func:`thompson_weights_gaussian`.
+
+    Args:
+        means: The sample mean per arm.
+        variances_of_mean: The variance of each arm's mean (the variance of one unit / n).
+        n: The sample size per arm (for the ``min_samples`` gate).
+        live: One flag per arm; only live arms receive traffic.
+        min_samples: Units every live arm needs before the weights follow the posteriors.
+        beta: The share that follows P(best), in [0, 1].
+        floor: The minimum weight of a live arm (capped at 1 / live arms).
+        names: Arm names for the reason.
+
+    Returns:
+        ``(weights, reason)`` as for :func:`top_two_weights`.
+
+    Raises:
+        ValueError: The inputs are inconsistent (see :func:`gaussian_best`), no arm is live, or
+            ``beta`` or ``floor`` is outside [0, 1].
+    """
+    _check_beta(beta)
+    centre, variance = _normal_posteriors(means, variances_of_mean)
+    counts = _as_1d(n, "n")
+    if not centre.shape == counts.shape:
+        raise ValueError("means, variances_of_mean and n must have one value per arm each")
+    mask = _live_mask(live, counts.size)
+    return _allocate(
+        _top_two_share(lambda: _normal_top_two(centre[mask], variance[mask], beta), beta),
         counts,
         mask,
         min_samples=min_samples,
