@@ -3,29 +3,32 @@
 Goals (DESIGN.md, "Outcomes and experiments": the false-winner rate of daily looks is measured):
 
 1. Clear best (true rates 0.10, 0.10, 0.12: +20% relative for the third arm), the daily loop with
-   batched Thompson weights and :func:`stopping_decision`: >= 90% of seeds promote the true best
-   within 30 days. The same loop with an equal split is run as the baseline.
+   batched top-two Thompson weights (beta 0.5, floor 1%) and :func:`stopping_decision`: >= 90%
+   of seeds promote the true best within 30 days. The same loop with plain batched Thompson
+   (floor 1%) and with an equal split is reported for comparison.
 2. A/A (every arm at 0.10), looked at every day for 30 days: <= 5% of seeds promote anything.
    Measured on the same runs: how often the naive rule (P(best) >= 0.95 alone, daily) promotes.
-3. Coverage at a fixed horizon with a fixed 50/50 split: the 95% intervals of the relative lift
-   and of the difference cover the truth in 93-97% of seeds (read on 2,000 seeds; 200 shown).
+3. Coverage at a fixed horizon with a fixed 50/50 split: the 95% interval of the difference
+   covers the true difference in 93-97% of seeds 0-199 (the issue's wording). The relative-lift
+   interval's figure on the same seeds, and both on 2,000 seeds, are reported next to it.
 4. SRM: an injected 55/45 split of a 50/50 design is flagged at p < 0.001 in >= 99% of seeds
    at 10,000 entities, and a correct split (fixed or changing weights) in <= 1%.
 
 The daily loop: each day ``--daily`` entities arrive and are assigned to the live arms with the
-weights in force (Thompson weights recomputed once a day from the cumulative posteriors, floor
-1%, equal until every arm has 300 samples); outcomes are Bernoulli with each arm's true rate.
+weights in force (top-two Thompson weights recomputed once a day from the cumulative posteriors,
+beta 0.5, floor 1%, equal until every arm has 300 samples); outcomes are Bernoulli with each arm's true rate.
 After each day the stopping rule looks (min 3 days, 300 samples per arm, P(best) >= 0.95,
 expected loss <= 0.002, always-valid test at 95%); a run stops at its first promotion or after
 30 days. Every seed is ``numpy.random.default_rng(seed)``.
 
 The sequential test's mixing sd (``RELATIVE_MIXING_SD`` in stopping.py, 0.2 of the pooled mean)
 was chosen with ``--seed-offset 1000 --relative-tau ...`` (seeds 1000-1049); the figures
-reported use seeds 0-49.
+reported use seeds 0-49. Top-two's beta (0.5, Russo's default) was not tuned; ``--beta`` varies
+it, on seeds 1000+ only.
 
-Run: ``.venv/bin/python bench/bench_experiment_stats.py`` (about 30 s); ``--seeds N`` for the
-adaptive scenarios, ``--seed-offset`` and ``--relative-tau`` for tuning. Exits 1 when a goal is
-missed.
+Run: ``.venv/bin/python bench/bench_experiment_stats.py`` (about a minute); ``--seeds N`` for
+the adaptive scenarios, ``--seed-offset``, ``--relative-tau`` and ``--beta`` for tuning. Exits 1
+when a goal is missed.
 """
 
 import argparse
@@ -49,6 +52,7 @@ from autoexec_dagster.experiments.statistics import (  # noqa: E402
     relative_lift_interval,
     srm_p_value,
     thompson_weights,
+    top_two_weights,
 )
 from autoexec_dagster.experiments.stopping import (  # noqa: E402
     RELATIVE_MIXING_SD,
@@ -69,6 +73,12 @@ NAMES = ("control", "b", "c")
 CLEAR_RATES = (0.10, 0.10, 0.12)
 AA_RATES = (0.10, 0.10, 0.10)
 SRM_ALPHA = 0.001
+TOP_TWO_BETA = 0.5
+ALLOCATIONS = {
+    "top-two": "top-two Thompson, beta 0.5, floor 1%",
+    "thompson": "plain Thompson, floor 1% (comparison)",
+    "equal": "equal split (comparison)",
+}
 
 
 class Check(NamedTuple):
@@ -99,7 +109,8 @@ def simulate(
     days: int,
     daily: int,
     relative_tau: float | None,
-    allocation: str = "thompson",
+    allocation: str = "top-two",
+    beta: float = TOP_TWO_BETA,
 ) -> Run:
     """The daily loop for one seed, with both rules looking at the same trajectory.
 
@@ -116,7 +127,17 @@ def simulate(
     reason = ""
     smallest = 0
     for day in range(1, days + 1):
-        if allocation == "thompson":
+        if allocation == "top-two":
+            weights, _why = top_two_weights(
+                conversions,
+                n,
+                live=live,
+                min_samples=MIN_SAMPLES,
+                beta=beta,
+                floor=FLOOR,
+                names=names,
+            )
+        elif allocation == "thompson":
             weights, _why = thompson_weights(
                 conversions, n, live=live, min_samples=MIN_SAMPLES, floor=FLOOR, names=names
             )
@@ -200,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=50, help="seeds per adaptive scenario")
     parser.add_argument("--seed-offset", type=int, default=0, help="first seed (tune on 1000+)")
     parser.add_argument("--relative-tau", type=float, default=None, help="override tau / mean")
+    parser.add_argument("--beta", type=float, default=TOP_TWO_BETA, help="top-two's beta")
     parser.add_argument("--daily", type=int, default=DAILY)
     parser.add_argument("--coverage-seeds", type=int, default=200)
     parser.add_argument("--srm-seeds", type=int, default=1_000)
@@ -210,8 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     checks: list[Check] = []
     notes: list[str] = []
 
-    for allocation in ("thompson", "equal"):
-        label = "Thompson, floor 1%" if allocation == "thompson" else "equal split (baseline)"
+    for allocation, label in ALLOCATIONS.items():
+        if allocation == "top-two" and args.beta != TOP_TWO_BETA:
+            label = f"top-two Thompson, beta {args.beta:g}, floor 1%"
+        # Only the design's allocation is held to the goals; the others say what it buys.
+        gated = allocation == "top-two"
         clear = [
             simulate(
                 CLEAR_RATES,
@@ -220,6 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 daily=args.daily,
                 relative_tau=args.relative_tau,
                 allocation=allocation,
+                beta=args.beta,
             )
             for s in seeds
         ]
@@ -234,8 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"({wrong} wrong; median decision day {median_day:g}; least-sampled arm "
                 f"{least:,.0f} units, median)",
                 _share(right, len(clear)),
-                ">= 90%",
-                right >= 0.9 * len(clear),
+                ">= 90%" if gated else "(comparison)",
+                right >= 0.9 * len(clear) or not gated,
             )
         )
         aa = [
@@ -246,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 daily=args.daily,
                 relative_tau=args.relative_tau,
                 allocation=allocation,
+                beta=args.beta,
             )
             for s in seeds
         ]
@@ -255,8 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             Check(
                 f"{label}: A/A {AA_RATES}, daily looks for {DAYS} days, promotes anything",
                 _share(false_winners, len(aa)),
-                "<= 5%",
-                false_winners <= 0.05 * len(aa),
+                "<= 5%" if gated else "(comparison)",
+                false_winners <= 0.05 * len(aa) or not gated,
             )
         )
         ratio = (
@@ -280,37 +307,51 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
 
     # Two arms are where the naive rule errs most; 200 seeds pin the rule's rate down to about
-    # +-1.5 points where 50 would leave +-3.
+    # +-1.5 points where 50 would leave +-3. With two arms top-two at beta 0.5 is a 50/50 split
+    # (the runner-up is the other arm), so plain Thompson is run too: its weights chase the noise.
     pair_seeds = range(args.seed_offset, args.seed_offset + 4 * args.seeds)
-    pair = [
-        simulate(AA_RATES[:2], s, days=DAYS, daily=args.daily, relative_tau=args.relative_tau)
-        for s in pair_seeds
-    ]
-    pair_rule = sum(run.promoted is not None for run in pair)
-    pair_naive = sum(run.naive_promoted is not None for run in pair)
-    checks.append(
-        Check(
-            f"Thompson, floor 1%: A/A with 2 arms (0.1, 0.1), daily looks for {DAYS} days, "
-            f"seeds {pair_seeds.start}-{pair_seeds.stop - 1}: stopping rule / naive rule",
-            f"{_share(pair_rule, len(pair))} / {_share(pair_naive, len(pair))}",
-            "<= 5% / (baseline)",
-            pair_rule <= 0.05 * len(pair),
+    for allocation in ("top-two", "thompson"):
+        pair = [
+            simulate(
+                AA_RATES[:2],
+                s,
+                days=DAYS,
+                daily=args.daily,
+                relative_tau=args.relative_tau,
+                allocation=allocation,
+                beta=args.beta,
+            )
+            for s in pair_seeds
+        ]
+        pair_rule = sum(run.promoted is not None for run in pair)
+        pair_naive = sum(run.naive_promoted is not None for run in pair)
+        checks.append(
+            Check(
+                f"{ALLOCATIONS[allocation]}: A/A with 2 arms (0.1, 0.1), daily looks for {DAYS} "
+                f"days, seeds {pair_seeds.start}-{pair_seeds.stop - 1}: stopping rule / naive rule",
+                f"{_share(pair_rule, len(pair))} / {_share(pair_naive, len(pair))}",
+                "<= 5% / (baseline)",
+                pair_rule <= 0.05 * len(pair),
+            )
         )
-    )
 
     per_arm = 10_000
-    # 200 seeds measure coverage to +-1.5 points (one sd), so a correct 95% interval lands
-    # outside 93-97% about one time in seven: the goal is read on 2,000 seeds, 200 shown too.
-    for count, goal in ((args.coverage_seeds, False), (10 * args.coverage_seeds, True)):
+    # The goal as the issue states it: the difference interval on seeds 0-199. 200 seeds measure
+    # coverage to +-1.5 points (one sd), so even a correct 95% interval lands outside 93-97%
+    # about one time in seven: the relative-lift figure on the same seeds is shown beside it
+    # whatever it is, and both on 2,000 seeds (+-0.5 points) say whether a miss is noise.
+    for count in (args.coverage_seeds, 10 * args.coverage_seeds):
         lift_cover, difference_cover = coverage(count, per_arm=per_arm, rates=(0.10, 0.12))
-        for label, value in (("relative lift", lift_cover), ("difference", difference_cover)):
+        for label, value in (("difference", difference_cover), ("relative lift", lift_cover)):
+            gated = label == "difference" and count == args.coverage_seeds
+            inside = 0.93 <= value <= 0.97
             checks.append(
                 Check(
                     f"coverage of the 95% {label} interval, seeds 0-{count - 1}, "
                     f"{per_arm:,} per arm, 0.10 vs 0.12",
-                    f"{value:.1%}",
-                    "93-97%" if goal else "(context)",
-                    0.93 <= value <= 0.97 if goal else True,
+                    f"{value:.1%}" + ("" if inside else " (outside 93-97%)"),
+                    "93-97%" if gated else "(reported)",
+                    inside or not gated,
                 )
             )
 
@@ -359,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     print(
         f"seeds {seeds.start}-{seeds.stop - 1}, {args.daily:,} entities/day, tau = "
-        f"{tau_label:g} x pooled mean, {elapsed:.0f} s"
+        f"{tau_label:g} x pooled mean, top-two beta {args.beta:g}, {elapsed:.0f} s"
     )
     print("| goal | measured | target | result |")
     print("| --- | ---: | --- | --- |")
