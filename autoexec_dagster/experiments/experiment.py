@@ -48,8 +48,8 @@ class Experiment(BaseModel):
         name: Identifier, unique in the ledger for the playbook. Changing variants needs a new name.
         variants: Variant name -> overrides of the channel's fields (``{"subject": "..."}``).
         control: The variant the others are compared with.
-        allocation: ``thompson`` (batched Thompson sampling: weights recomputed each period from
-            the posteriors, with a floor) or ``fixed`` (``weights`` throughout).
+        allocation: ``thompson`` (batched top-two Thompson sampling: weights recomputed each
+            period from the posteriors, with a floor) or ``fixed`` (``weights`` throughout).
         weights: Variant -> share of traffic, summing to 1; required for ``fixed``, the starting
             weights for ``thompson`` (equal when left out).
         metric: The outcome column the variants are judged by: 0/1 (a conversion) or numeric.
@@ -62,6 +62,11 @@ class Experiment(BaseModel):
             ``min_samples_per_variant`` entities) is stopped for harm.
         confidence: Confidence of the intervals and of the sequential test that guards promotion.
         floor: Least weight of every live variant under Thompson sampling.
+        top_two_beta: Under ``thompson``, the share of traffic that follows each variant's
+            probability of being best; the rest goes to the challengers (top-two sampling, built
+            to identify the best variant rather than only to exploit the leader: plain Thompson
+            starves the variants the leader must be shown to beat, so an honest stopping rule
+            rarely confirms a winner). 1.0 is plain Thompson sampling.
         promotion_approvers: When set, a promotion waits for one of these people's approval.
         salt: Salt of the assignment hash; leave empty unless two experiments must draw apart.
     """
@@ -81,6 +86,7 @@ class Experiment(BaseModel):
     guardrails: dict[str, float] = Field(default_factory=dict)
     confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
     floor: float = Field(default=0.01, ge=0.0, lt=0.5)
+    top_two_beta: float = Field(default=0.5, ge=0.0, le=1.0)
     promotion_approvers: tuple[str, ...] = ()
     salt: str = ""
 

@@ -12,8 +12,8 @@ One update per period (an outcome partition):
    after ``min_days`` and ``min_samples_per_variant``, when it meets ``promote_when`` and an
    always-valid test shows it ahead of every other live variant. With ``promotion_approvers`` a
    promotion first waits for one of them to approve it.
-5. The weights of the next period are recomputed (Thompson sampling with a floor, or the fixed
-   weights); after a promotion the winner takes all traffic outside the holdout.
+5. The weights of the next period are recomputed (top-two Thompson sampling with a floor, or
+   the fixed weights); after a promotion the winner takes all traffic outside the holdout.
 
 Everything is written in one transaction with its evidence, guarded by the experiment's revision,
 so two concurrent updates cannot both apply.
@@ -42,7 +42,7 @@ from autoexec_dagster.experiments.promotion_approval import (
     promotion_decision,
     request_promotion,
 )
-from autoexec_dagster.experiments.statistics import thompson_weights, thompson_weights_gaussian
+from autoexec_dagster.experiments.statistics import top_two_weights, top_two_weights_gaussian
 from autoexec_dagster.experiments.stopping import ArmSummary, stopping_decision
 from autoexec_dagster.ledger.action_ledger import ActionLedger
 from autoexec_dagster.ledger.experiment_store import ExperimentState, ExperimentUpdate
@@ -580,11 +580,12 @@ def _next_weights(
         )
     n = np.array([analysis.arms[v].n for v in names], dtype=float)
     if analysis.binary:
-        values, reason = thompson_weights(
+        values, reason = top_two_weights(
             np.array([analysis.arms[v].total for v in names], dtype=float),
             n,
             live=mask,
             min_samples=spec.min_samples_per_variant,
+            beta=spec.top_two_beta,
             floor=spec.floor,
             names=names,
         )
@@ -598,12 +599,13 @@ def _next_weights(
                 for v in names
             ]
         )
-        values, reason = thompson_weights_gaussian(
+        values, reason = top_two_weights_gaussian(
             means,
             var,
             n,
             live=mask,
             min_samples=spec.min_samples_per_variant,
+            beta=spec.top_two_beta,
             floor=spec.floor,
             names=names,
         )
