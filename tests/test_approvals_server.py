@@ -21,6 +21,7 @@ from aiohttp import web
 
 from autoexec_dagster.approvals.links import ApprovalLinks
 from autoexec_dagster.approvals.server import approval_app
+from autoexec_dagster.ledger import schema
 from autoexec_dagster.ledger.action_ledger import ActionLedger
 from resources.local_servers import AiohttpServer
 from tests.test_ledger_approvals import (
@@ -381,7 +382,7 @@ def test_the_gates_default_payload_is_shown_as_the_workflow_names_its_fields(
 def test_healthz_answers_while_the_ledger_does(server: ApprovalServer) -> None:
     reply = call("GET", f"{server.url}/healthz")
     assert reply.status == 200
-    assert json.loads(reply.text) == {"status": "ok", "schema_version": 3}
+    assert json.loads(reply.text) == {"status": "ok", "schema_version": schema.SCHEMA_VERSION}
 
 
 def test_a_ledger_that_cannot_be_read_gets_a_503_page(
