@@ -444,15 +444,6 @@ def test_the_outcomes_job_updates_the_experiment_in_the_asset_graph(
     assert "churn_outreach/uplift" in by_key
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "library defect: build_execution_defs(outcomes=...) returns Definitions whose asset graph "
-        "does not resolve on its own (the outcome asset is an AssetIn of a multi_asset: 'Input "
-        "asset churn_outcomes is not produced by any of the provided asset ops'), while the "
-        "same call without outcomes= resolves though its insight is not in it either"
-    ),
-)
 def test_churn_execution_defs_resolve_on_their_own(tmp_path: Path) -> None:
     from sensors import build_churn_execution_defs
 

@@ -177,15 +177,18 @@ def build_outcome_defs(
             )
             for name in names
         },
-        ins={"outcomes": dg.AssetIn(key=outcomes_key)},
+        # A dependency loaded in the body, like the insight: the execution layer's definitions
+        # then resolve on their own, whoever defines the outcome asset.
+        deps=[outcomes_key],
         partitions_def=partitions_def,
         check_specs=[check],
         can_subset=False,
         op_tags={"autoexec/playbook": book.name},
     )
-    def _outcome_assets(context: dg.AssetExecutionContext, outcomes: Any) -> Iterator[Any]:
+    def _outcome_assets(context: dg.AssetExecutionContext) -> Iterator[Any]:
         ledger = setup.ledger.get()
-        frame = _as_frame(outcomes)
+        partition = context.partition_key if context.has_partition_key else None
+        frame = _as_frame(context.load_asset_value(outcomes_key, partition_key=partition))
         results: list[ExperimentResult] = []
         experiments = sorted(book.experiments())
         if experiments:
