@@ -526,9 +526,13 @@ def campaign_outcomes(
         metadata={
             "dagster/row_count": dg.MetadataValue.int(len(outcomes)),
             "recipients": dg.MetadataValue.int(int(outcomes["recipient_id"].nunique())),
-            "opens": dg.MetadataValue.int(int(outcomes["opened"].sum())),
-            "clicks": dg.MetadataValue.int(int(outcomes["clicked"].sum())),
-            "unsubscribes": dg.MetadataValue.int(int(outcomes["unsubscribed"].sum())),
+            # Recipients, not events: a recipient who opens twice and clicks counts once in each.
+            **{
+                column: dg.MetadataValue.int(
+                    int(outcomes.loc[outcomes[column] == 1, "recipient_id"].nunique())
+                )
+                for column in ("opened", "clicked", "unsubscribed")
+            },
             "tracking_db": dg.MetadataValue.path(str(path)),
         },
     )

@@ -183,7 +183,8 @@ def _weights_text(weights: Mapping[str, float], variants: list[str]) -> str:
 
 
 def print_day(index: int, line: DayLine, variants: list[str]) -> None:
-    """One row of the daily table: the sends, the audience's reactions, the next weights."""
+    """One row of the daily table: the flagged campaigns, the emails sent and held out, the
+    recipients who opened and who clicked that day, the next day's weights and the status."""
     weights = _weights_text(line.weights or {}, variants)
     print(
         f"  {index:>3}  {line.day}  {line.flagged_campaigns:>5}  {line.emails:>6,}  "
@@ -440,7 +441,7 @@ def run(start: str = DEFAULT_START, days: int = DEFAULT_DAYS, *, verbose: bool =
             reports.append(report)
             collected = _run_day_job(defs, instance, TRACKING_JOB, day, run_config=config)
             outcome = _metadata(collected, "campaign_outcomes")
-            line.opens, line.clicks = int(outcome["opens"]), int(outcome["clicks"])
+            line.opens, line.clicks = int(outcome["opened"]), int(outcome["clicked"])
             updates = _answer_sensor(defs, instance, home, OUTCOMES_SENSOR_NAME, run_config=config)
             if updates:
                 last_outcomes = updates[-1]

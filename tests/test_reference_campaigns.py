@@ -216,7 +216,7 @@ def test_the_assets_materialize_one_day_with_the_counts_in_their_metadata(
         == meta("campaign_sends")["dagster/row_count"]
     )
     assert set(sends["campaign_id"]) == set(insight[insight["underperforming"]]["campaign_id"])
-    assert len(outcomes) == 1 and meta("campaign_outcomes")["clicks"] == 1
+    assert len(outcomes) == 1 and meta("campaign_outcomes")["clicked"] == 1
 
 
 def test_the_variant_grid_names_every_subject_with_every_call_to_action() -> None:
