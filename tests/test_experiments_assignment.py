@@ -72,8 +72,9 @@ class Recorder:
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> Iterator[ActionLedger]:
-    led = ActionLedger(f"sqlite:///{tmp_path / 'ledger.db'}", clock=Clock())
+def ledger(ledger_url: str) -> Iterator[ActionLedger]:
+    # SQLite, and PostgreSQL where it runs (the ledger_url fixture skips it elsewhere).
+    led = ActionLedger(ledger_url, clock=Clock())
     yield led
     led.dispose()
 
