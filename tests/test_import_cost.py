@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-HEAVY = ("great_expectations", "sklearn", "aiosmtpd")
+HEAVY = ("great_expectations", "sklearn", "aiosmtpd", "scipy")
 
 
 def test_import_does_not_load_heavy_modules():
