@@ -27,7 +27,6 @@ from assets.campaigns import (
     campaign_click_insight,
     campaign_metrics,
     campaign_outcomes,
-    campaign_partitions,
     campaign_sends,
 )
 from autoexec_dagster import ActionLedger, Channel
@@ -97,7 +96,6 @@ def build_campaign_execution_defs(
 campaign_day_job = dg.define_asset_job(
     name="campaign_day_job",
     selection=dg.AssetSelection.assets(campaign_metrics, campaign_click_insight, campaign_sends),
-    partitions_def=campaign_partitions,
     executor_def=dg.in_process_executor,
     description="One day's campaign metrics, the click insight and the next sends of the "
     "underperforming campaigns.",
@@ -105,7 +103,6 @@ campaign_day_job = dg.define_asset_job(
 campaign_tracking_job = dg.define_asset_job(
     name="campaign_tracking_job",
     selection=dg.AssetSelection.assets(campaign_outcomes),
-    partitions_def=campaign_partitions,
     executor_def=dg.in_process_executor,
     description="One day's opens, clicks and unsubscribes from the tracking endpoint.",
 )
