@@ -27,11 +27,14 @@ refused by the endpoint, and the report counts it.
 import asyncio
 import dataclasses
 import datetime as dt
+import email
 import hashlib
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from email.message import EmailMessage, Message
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -47,7 +50,7 @@ from resources.campaign_variants import (
 from resources.local_servers import ReceivedMail
 from resources.tracking_server import SIM_TIME_HEADER
 
-__all__ = ["AudienceReport", "Reaction", "Reading", "SimulatedAudience"]
+__all__ = ["AudienceReport", "Reaction", "Reading", "SimulatedAudience", "mail_from_file"]
 
 # A quarter of the openers' clients load the pixel again within a minute.
 REPEAT_OPEN_SHARE = 0.25
@@ -80,6 +83,22 @@ def _part(message: Message, subtype: str) -> str | None:
                 text = payload.decode(part.get_content_charset() or "utf-8", "replace")
                 return text.replace("\r\n", "\n")
     return None
+
+
+def mail_from_file(path: str | os.PathLike[str]) -> ReceivedMail:
+    """A message the SMTP sink filed (``<Message-ID>.eml``), as the sink would have kept it.
+
+    Parsed with the standard library's compat32 policy, which reads a message about ten times
+    faster than the default policy and is all a reader needs; the envelope is not filed, so the
+    recipient is the ``To`` header and the sender the ``From`` header.
+    """
+    message = email.message_from_bytes(Path(path).read_bytes())
+    return ReceivedMail(
+        message=message,
+        mail_from=str(message.get("From", "")),
+        recipients=(str(message.get("To", "")),),
+        peer=("", 0),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +207,7 @@ class SimulatedAudience:
         self.max_open_delay = dt.timedelta(hours=max_open_delay_hours)
         self.repeat_open_share = repeat_open_share
         self._read: set[str] = set()
+        self._files: set[str] = set()
         self._pending: list[Reaction] = []
         self.readings: list[Reading] = []
 
@@ -227,6 +247,18 @@ class SimulatedAudience:
             new.append(reading)
         self.readings.extend(new)
         return new
+
+    def read_mailbox(
+        self, mailbox: str | os.PathLike[str], *, received_at: dt.datetime
+    ) -> list[Reading]:
+        """Read the ``.eml`` files of a sink's mailbox folder not read before; see :meth:`read`.
+
+        For a sink in another process (``python -m resources.local_receivers``), which files
+        every message it accepts and keeps none in memory.
+        """
+        new = sorted(p for p in Path(mailbox).glob("*.eml") if p.name not in self._files)
+        self._files.update(p.name for p in new)
+        return self.read((mail_from_file(p) for p in new), received_at=received_at)
 
     def _read_one(self, mail: ReceivedMail, message_id: str, arrived: dt.datetime) -> Reading:
         message = mail.message

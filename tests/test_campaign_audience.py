@@ -246,3 +246,19 @@ def test_rates_a_person_cannot_reach_are_refused() -> None:
         SimulatedAudience(open_rates=dict.fromkeys(TRUE_OPEN_RATES, 0.01))
     with pytest.raises(ValueError, match="unsubscribe_rate"):
         SimulatedAudience(unsubscribe_rate=1.5)
+
+
+def test_the_audience_reads_a_mailbox_folder_once_per_file(
+    tracker: TrackingServer, tmp_path: Path
+) -> None:
+    # A sink that files the messages and keeps none, as the standalone receivers process runs it.
+    with SmtpSink(tmp_path / "mailbox", keep_messages=False) as filing:
+        sent = _send(filing, tracker, 8)
+        assert filing.messages == []
+    audience = SimulatedAudience(seed=4)
+    readings = audience.read_mailbox(tmp_path / "mailbox", received_at=ARRIVED)
+    assert {_key(r.message_id): r.variant for r in readings} == sent
+    assert {r.recipient for r in readings} == {
+        f"ada.lovelace.{i:05d}@example.net" for i in range(8)
+    }
+    assert audience.read_mailbox(tmp_path / "mailbox", received_at=ARRIVED) == []
