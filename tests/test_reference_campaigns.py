@@ -382,3 +382,32 @@ def test_the_uplift_check_words_a_lift_over_a_holdout_that_never_clicks(
     assert check.check_name == "campaign_optimisation_uplift"
     assert "effect" in (check.description or "")
     assert "nan" not in (check.description or "")
+
+
+def test_the_deployment_registers_the_campaign_story_with_its_sensors_stopped() -> None:
+    from definitions import build_defs
+
+    defs = build_defs()
+    keys = {key.to_user_string() for key in defs.resolve_all_asset_keys()}
+    assert {
+        "campaign_metrics",
+        "campaign_click_insight",
+        "campaign_sends",
+        "campaign_outcomes",
+        "campaign_optimisation/plan",
+        "campaign_optimisation/actions",
+        "campaign_optimisation/experiment",
+        "campaign_optimisation/learnings",
+        "campaign_optimisation/uplift",
+    } <= keys
+    for job in (
+        "campaign_day_job",
+        "campaign_tracking_job",
+        "campaign_optimisation_execution_job",
+        "campaign_optimisation_outcomes_job",
+    ):
+        assert defs.resolve_job_def(job).name == job
+    for name in ("campaign_optimisation_sensor", "campaign_optimisation_outcomes_sensor"):
+        sensor = defs.resolve_sensor_def(name)
+        # Switching them on mails the recipients of every new day: a decision, not a default.
+        assert sensor.default_status == dg.DefaultSensorStatus.STOPPED
