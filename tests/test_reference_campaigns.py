@@ -291,13 +291,6 @@ def test_the_plan_of_a_day_holds_out_a_tenth_and_every_variant_renders() -> None
     assert re.fullmatch(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+", token)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library defect: when the holdout never converts (nobody outside the campaign gets "
-    "its links, so its click rate is 0), the relative lift is undefined and the uplift check "
-    "describes it as 'lift +nan%, 95% interval [+nan%, +nan%]' instead of saying so (and "
-    "giving the difference, which the verdict rests on)",
-)
 def test_the_uplift_check_words_a_lift_over_a_holdout_that_never_clicks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

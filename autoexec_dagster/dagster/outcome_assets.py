@@ -102,12 +102,26 @@ def uplift_metadata(table: pd.DataFrame, *, max_rows: int) -> dict[str, Any]:
     return metadata
 
 
+def _effect_text(row: dict[str, Any]) -> str:
+    """The effect in words: the relative lift with its interval, or, when the holdout's rate is
+    0 and a relative lift means nothing, the difference the verdict rests on."""
+    difference = (
+        f"difference {row['difference']:+.4g} (95% interval [{row['difference_low']:+.4g}, "
+        f"{row['difference_high']:+.4g}])"
+    )
+    if all(math.isfinite(float(row[c])) for c in ("lift", "lift_low", "lift_high")):
+        return (
+            f"lift {row['lift']:+.1%}, 95% interval [{row['lift_low']:+.1%}, "
+            f"{row['lift_high']:+.1%}]; {difference}"
+        )
+    return f"{difference}; no relative lift: the holdout's rate is {row['holdout_rate']:.4g}"
+
+
 def _uplift_check(setup: ExecutionSetup, table: pd.DataFrame) -> dg.AssetCheckResult:
     overall = table[table["partition_key"] == ALL_PARTITIONS]
     bad = overall[overall["verdict"].isin([NO_EFFECT, HARM])]
     lines = [
-        f"{r['action']}: {r['verdict']} (lift {r['lift']:+.1%}, 95% interval "
-        f"[{r['lift_low']:+.1%}, {r['lift_high']:+.1%}], {r['treated_n']:,} treated vs "
+        f"{r['action']}: {r['verdict']} ({_effect_text(r)}, {r['treated_n']:,} treated vs "
         f"{r['holdout_n']:,} held out)"
         for r in overall.to_dict("records")
         if r["verdict"] != NOT_ENOUGH_DATA
