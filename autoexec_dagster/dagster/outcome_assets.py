@@ -18,7 +18,7 @@ time with metric columns, partitioned like the outcomes arrive) to the playbook'
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import dagster as dg
@@ -102,7 +102,7 @@ def uplift_metadata(table: pd.DataFrame, *, max_rows: int) -> dict[str, Any]:
     return metadata
 
 
-def _effect_text(row: dict[str, Any]) -> str:
+def _effect_text(row: Mapping[Any, Any]) -> str:
     """The effect in words: the relative lift with its interval, or, when the holdout's rate is
     0 and a relative lift means nothing, the difference the verdict rests on."""
     difference = (
