@@ -201,9 +201,12 @@ def print_day(index: int, line: DayLine, variants: list[str]) -> None:
 def print_header(variants: list[str]) -> None:
     """The daily table's header."""
     print()
-    print("  weights are those in force from the next day on (Thompson sampling, 1% floor)")
     print(
-        f"  {'day':>3}  {'date':<10}  {'flag':>5}  {'emails':>6}  {'held':>5}  {'opens':>6}  "
+        "  weights: in force from the next day on (the experiment's Thompson allocation; equal "
+        "until every variant has its minimum sample)"
+    )
+    print(
+        f"  {'day':>3}  {'date':<10}  {'flag':>5}  {'emails':>6}  {'held':>5}  {'opened':>6}  "
         f"{'click':>5}" + "".join(f"{v:>{COLUMN}}" for v in variants) + "  status"
     )
 
@@ -443,8 +446,9 @@ def run(start: str = DEFAULT_START, days: int = DEFAULT_DAYS, *, verbose: bool =
         stack.callback(ledger.dispose)
         say(f"ledger: {ledger.display_url} (this story's own, started afresh)")
         say(
-            f"clock: simulated, from {clock.now:%Y-%m-%d %H:%M} UTC over {days} days; the ledger, "
-            "the tracking endpoint and the audience read it"
+            f"clock: simulated, from {clock.now:%Y-%m-%d %H:%M} UTC over {days} "
+            f"day{'s' if days != 1 else ''}; the ledger, the tracking endpoint and the audience "
+            "read it"
         )
         channels = campaign_channels(smtp_port=smtp_port, tracking_url=tracker.url)
         defs = build_defs(
