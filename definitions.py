@@ -1,7 +1,8 @@
 """The reference deployment's Dagster definitions: every story's pipeline plus its execution layer.
 
 - churn: ``raw_customers -> churn_model -> churn_scores`` (daily), acted on by the
-  ``churn_outreach`` playbook (retention emails, CRM tasks, escalations);
+  ``churn_outreach`` playbook (retention emails in an experiment, CRM tasks, escalations, a
+  holdout), judged by ``churn_outcomes`` (observed nightly by ``churn_outcomes_schedule``);
 - host remediation: ``host_metrics_history -> host_anomaly_model -> host_anomalies`` (hourly),
   acted on by the ``host_remediation`` playbook (isolate, diagnose, remediate, verify, reinstate
   as a durable workflow; database hosts and failed remedies to a person);
@@ -30,6 +31,8 @@ from sensors import (
     build_stock_replenishment_execution_defs,
     campaign_day_job,
     campaign_tracking_job,
+    churn_outcomes_job,
+    churn_outcomes_schedule,
     churn_scoring_job,
     churn_scoring_schedule,
     host_scoring_job,
@@ -65,12 +68,18 @@ def build_defs(
         assets=[*churn_assets, *host_assets, *stock_assets, *campaign_assets],
         jobs=[
             churn_scoring_job,
+            churn_outcomes_job,
             host_scoring_job,
             stock_scoring_job,
             campaign_day_job,
             campaign_tracking_job,
         ],
-        schedules=[churn_scoring_schedule, host_scoring_schedule, stock_scoring_schedule],
+        schedules=[
+            churn_scoring_schedule,
+            churn_outcomes_schedule,
+            host_scoring_schedule,
+            stock_scoring_schedule,
+        ],
     )
     return dg.Definitions.merge(
         pipelines,

@@ -2,7 +2,8 @@
 
 - :mod:`sensors.churn_execution`: the churn playbook's execution layer (execution assets, checks,
   job and the sensor that answers each new ``churn_scores`` partition).
-- :mod:`sensors.churn_scoring`: the daily job and schedule that produce ``churn_scores``.
+- :mod:`sensors.churn_scoring`: the daily jobs and schedules that produce ``churn_scores`` and
+  observe ``churn_outcomes``.
 - :mod:`sensors.host_remediation`: the host-remediation playbook's execution layer over
   ``host_anomalies`` (the same, plus the sensor that advances waiting workflows).
 - :mod:`sensors.host_scoring`: the hourly job and schedule that produce ``host_anomalies``.
@@ -21,7 +22,12 @@ from sensors.campaigns import (
     campaign_tracking_job,
 )
 from sensors.churn_execution import build_churn_execution_defs
-from sensors.churn_scoring import churn_scoring_job, churn_scoring_schedule
+from sensors.churn_scoring import (
+    churn_outcomes_job,
+    churn_outcomes_schedule,
+    churn_scoring_job,
+    churn_scoring_schedule,
+)
 from sensors.host_remediation import build_host_remediation_execution_defs
 from sensors.host_scoring import host_scoring_job, host_scoring_schedule
 from sensors.settings import (
@@ -42,6 +48,8 @@ __all__ = [
     "build_stock_replenishment_execution_defs",
     "campaign_day_job",
     "campaign_tracking_job",
+    "churn_outcomes_job",
+    "churn_outcomes_schedule",
     "churn_scoring_job",
     "churn_scoring_schedule",
     "host_scoring_job",
