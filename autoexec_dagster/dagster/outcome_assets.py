@@ -16,6 +16,7 @@ time with metric columns, partitioned like the outcomes arrive) to the playbook'
   materialization, like the insight sensor's.
 """
 
+import logging
 import math
 import warnings
 from collections.abc import Iterator, Mapping
@@ -139,6 +140,22 @@ def _uplift_check(setup: ExecutionSetup, table: pd.DataFrame) -> dg.AssetCheckRe
     )
 
 
+def _load_quietly(
+    context: dg.AssetExecutionContext, key: dg.AssetKey, partition: str | None
+) -> Any:
+    """The outcome partition, through its own IO manager.
+
+    Dagster's loader logs each load at DEBUG on its own console logger, whatever the run's log
+    level: two lines of noise per run in a terminal. Debug records are held back for the load.
+    """
+    previous = logging.root.manager.disable
+    logging.disable(max(previous, logging.DEBUG))
+    try:
+        return context.load_asset_value(key, partition_key=partition)
+    finally:
+        logging.disable(previous)
+
+
 def _as_frame(value: Any) -> pd.DataFrame:
     if isinstance(value, pd.DataFrame):
         return value
@@ -202,7 +219,7 @@ def build_outcome_defs(
     def _outcome_assets(context: dg.AssetExecutionContext) -> Iterator[Any]:
         ledger = setup.ledger.get()
         partition = context.partition_key if context.has_partition_key else None
-        frame = _as_frame(context.load_asset_value(outcomes_key, partition_key=partition))
+        frame = _as_frame(_load_quietly(context, outcomes_key, partition))
         results: list[ExperimentResult] = []
         experiments = sorted(book.experiments())
         if experiments:
