@@ -1,9 +1,9 @@
 """update_experiment against a real ledger: the window, idempotent outcomes, weights, the
 stopping rule's gates, guardrails, SRM, numeric metrics, concurrent updates, the learnings."""
 
+import math
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -314,3 +314,21 @@ def test_uplift_compares_the_treated_with_the_holdout(ledger: ActionLedger, cloc
     assert overall["holdout_n"] == pytest.approx(600, rel=0.15)
     assert overall["holdout_rate"] == pytest.approx(0.05, abs=0.025)
     assert overall["difference_low"] > 0 and overall["verdict"] == "effect"
+
+
+def test_the_learnings_give_the_difference_when_the_holdout_never_converts(
+    ledger: ActionLedger, clock: Clock
+) -> None:
+    book = playbook()
+    send_day(book, ledger, 1)
+    clock.now += timedelta(days=3)
+    rates = {**RATES, "holdout": 0.0}
+    result = update_experiment(
+        playbook=book, ledger=ledger, outcomes=world(ledger, rates, seed=12, day=1)
+    )
+    rows = by_variant(result)
+    assert math.isnan(rows["c"]["lift_vs_holdout"])
+    assert rows["c"]["difference_vs_holdout_low"] > 0.2
+    text = result.learnings_markdown()
+    assert "nan" not in text.lower()
+    assert "pts [" in text and "(holdout at 0: no relative lift)" in text

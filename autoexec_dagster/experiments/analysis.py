@@ -41,6 +41,9 @@ VARIANT_COLUMNS: tuple[str, ...] = (
     "lift_vs_holdout",
     "lift_vs_holdout_low",
     "lift_vs_holdout_high",
+    "difference_vs_holdout",
+    "difference_vs_holdout_low",
+    "difference_vs_holdout_high",
     "weight",
     "status",
 )
@@ -204,10 +207,18 @@ def analyse_experiment(
         arm = arms[name]
         low, high = _rate_interval(arm, confidence=experiment.confidence)
         vs_control = _interval(arm, control, confidence=experiment.confidence, relative=True)
+        none = Interval(math.nan, math.nan, math.nan, math.nan)
         vs_holdout = (
             _interval(arm, held, confidence=experiment.confidence, relative=True)
             if held is not None
-            else Interval(math.nan, math.nan, math.nan, math.nan)
+            else none
+        )
+        # Absolute too: when the holdout's rate is 0 (it cannot click an email it never got)
+        # a relative lift is undefined, and the difference is the effect.
+        diff_holdout = (
+            _interval(arm, held, confidence=experiment.confidence, relative=False)
+            if held is not None
+            else none
         )
         row = {
             "variant": name,
@@ -224,6 +235,9 @@ def analyse_experiment(
             "lift_vs_holdout": vs_holdout.estimate,
             "lift_vs_holdout_low": vs_holdout.low,
             "lift_vs_holdout_high": vs_holdout.high,
+            "difference_vs_holdout": diff_holdout.estimate,
+            "difference_vs_holdout_low": diff_holdout.low,
+            "difference_vs_holdout_high": diff_holdout.high,
         }
         for guard in experiment.guardrails:
             rate = (

@@ -1,7 +1,8 @@
 """The learnings of an experiment, as Markdown: what was asked, tried, decided and why."""
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from autoexec_dagster.experiments.update import ExperimentResult
@@ -23,6 +24,32 @@ def _interval(low: float, high: float) -> str:
 
 def _number(value: float) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.4g}"
+
+
+def _difference(value: float, low: float, high: float, *, binary: bool) -> str:
+    if binary:
+        return f"{value * 100:+.1f} pts [{low * 100:+.1f}, {high * 100:+.1f}]"
+    return f"{_number(value)} [{_number(low)}, {_number(high)}]"
+
+
+def _vs_holdout(row: Mapping[Any, Any], *, binary: bool, held: bool) -> str:
+    """The relative lift against the holdout, or the difference when the holdout's rate is 0."""
+    if not held:
+        return "no holdout"
+    if math.isfinite(row["lift_vs_holdout"]) and math.isfinite(row["lift_vs_holdout_low"]):
+        return (
+            f"{_pct(row['lift_vs_holdout'])} "
+            f"{_interval(row['lift_vs_holdout_low'], row['lift_vs_holdout_high'])}"
+        )
+    if math.isfinite(row.get("difference_vs_holdout", math.nan)):
+        difference = _difference(
+            row["difference_vs_holdout"],
+            row["difference_vs_holdout_low"],
+            row["difference_vs_holdout_high"],
+            binary=binary,
+        )
+        return f"{difference} (holdout at 0: no relative lift)"
+    return "n/a (too few outcomes)"
 
 
 def learnings_markdown(result: "ExperimentResult") -> str:
@@ -56,10 +83,7 @@ def learnings_markdown(result: "ExperimentResult") -> str:
             else f"{_pct(row['lift_vs_control'])} "
             f"{_interval(row['lift_vs_control_low'], row['lift_vs_control_high'])}"
         )
-        vs_holdout = (
-            f"{_pct(row['lift_vs_holdout'])} "
-            f"{_interval(row['lift_vs_holdout_low'], row['lift_vs_holdout_high'])}"
-        )
+        vs_holdout = _vs_holdout(row, binary=result.binary, held=result.holdout_n > 0)
         lines.append(
             f"| {row['variant']} | {row['status']} | {int(row['n']):,} | {rate} | {interval} | "
             f"{row['probability_best']:.3f} | {_number(row['expected_loss'])} | {vs_control} | "
@@ -88,8 +112,8 @@ def learnings_markdown(result: "ExperimentResult") -> str:
             f"(95% interval {_interval(row['lift_vs_control_low'], row['lift_vs_control_high'])})"
             if result.winner != result.control
             else "- The control itself won: the variants did not beat it.",
-            f"- Effect against the holdout: {_pct(row['lift_vs_holdout'])} "
-            f"(95% interval {_interval(row['lift_vs_holdout_low'], row['lift_vs_holdout_high'])})",
+            "- Effect against the holdout: "
+            + _vs_holdout(row, binary=result.binary, held=result.holdout_n > 0),
         ]
     elif result.status == "stopped":
         lines.append("The experiment was stopped: every variant crossed a guardrail.")
