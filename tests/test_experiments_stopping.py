@@ -227,3 +227,23 @@ def test_invalid_inputs_raise() -> None:
         _decide(CLEAR, days=5, live=[])
     with pytest.raises(ValueError, match="variance"):
         _decide([ArmSummary("control", 10, 0.1, -1.0)], days=5)
+
+
+def test_the_reason_says_so_when_there_is_no_spread_to_bound_the_difference() -> None:
+    from autoexec_dagster.experiments.stopping import ArmSummary, stopping_decision
+
+    arms = [ArmSummary("a", 2_000, 0.0, 0.0), ArmSummary("b", 2_000, 0.0, 0.0)]
+    decision = stopping_decision(
+        arms,
+        control="a",
+        live=["a", "b"],
+        days_elapsed=5,
+        min_days=1,
+        min_samples=100,
+        probability_best=0.95,
+        expected_loss=0.01,
+        binary=True,
+    )
+    assert decision.promote is None
+    assert "nan" not in decision.reason
+    assert "no spread in the outcomes yet to bound it" in decision.reason

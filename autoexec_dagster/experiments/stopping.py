@@ -285,7 +285,12 @@ def stopping_decision(
                 else math.nan
             )
             low, _high = always_valid_interval(difference, variance, tau2=mixing, alpha=alpha)
-            shown = f"{other.name} (difference {difference:+.4g}, lower bound {low:+.4g})"
+            bound = (
+                f"lower bound {low:+.4g}"
+                if math.isfinite(low)
+                else "no spread in the outcomes yet to bound it"
+            )
+            shown = f"{other.name} (difference {difference:+.4g}, {bound})"
             (beaten if low > 0 else unbeaten).append(shown)
         label = f"always-valid {confidence * 100:g}% test"
         if unbeaten:
