@@ -174,6 +174,11 @@ def run(*, units: int, repeats: int, ledger: bool = False) -> dict[str, Any]:
     return out
 
 
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    # SQLAlchemy's executemany wants str-keyed rows; a frame's records are keyed by Hashable.
+    return [{str(k): v for k, v in row.items()} for row in frame.to_dict("records")]
+
+
 def _ledger_path(data: dict[str, Any], spec: Experiment) -> float:
     """update_experiment over a SQLite ledger holding the same exposures and outcomes."""
     import sqlalchemy as sa
@@ -218,7 +223,7 @@ def _ledger_path(data: dict[str, Any], spec: Experiment) -> float:
         )
         exposures["exposed_at"] = exposures["exposed_at"].dt.to_pydatetime()
         with led.engine.begin() as conn:
-            conn.execute(sa.insert(schema.exposures), exposures.to_dict("records"))
+            conn.execute(sa.insert(schema.exposures), _records(exposures))
             assignments = pd.DataFrame(
                 {
                     "playbook": "bench",
@@ -229,7 +234,7 @@ def _ledger_path(data: dict[str, Any], spec: Experiment) -> float:
                     "assigned_at": units["exposed_at"].dt.to_pydatetime(),
                 }
             )
-            conn.execute(sa.insert(schema.experiment_assignments), assignments.to_dict("records"))
+            conn.execute(sa.insert(schema.experiment_assignments), _records(assignments))
             conn.execute(
                 sa.insert(schema.experiment_periods),
                 [
