@@ -1,6 +1,6 @@
 """``make ui``: the reference deployment in the Dagster UI, with the daemon and local receivers.
 
-Starts four child processes on the instance at ``$DAGSTER_HOME`` (default ``.dagster_home``,
+Starts five child processes on the instance at ``$DAGSTER_HOME`` (default ``.dagster_home``,
 with the project's ``dagster.yaml`` copied in when it has none):
 
 1. the churn story's local receivers (``python -m resources.local_receivers``): the SMTP sink
@@ -9,12 +9,15 @@ with the project's ``dagster.yaml`` copied in when it has none):
 2. the host story's infrastructure API (``python -m resources.infra_api``) on the port of
    ``AUTOEXEC_INFRA_API_URL`` (9100 by default), on real time with its production delays,
    keeping its record in ``var/infra.sqlite``;
-3. ``dagster-webserver -w workspace.yaml`` on http://127.0.0.1:3000;
-4. ``dagster-daemon run -w workspace.yaml``, which ticks the execution and workflow sensors and
+3. the campaign story's tracking endpoint (``python -m resources.tracking_server``) on the port
+   of ``AUTOEXEC_TRACKING_URL`` (9300 by default), recording the opens, clicks and unsubscribes
+   of the campaign emails' signed links in ``var/campaign_tracking.sqlite``;
+4. ``dagster-webserver -w workspace.yaml`` on http://127.0.0.1:3000;
+5. ``dagster-daemon run -w workspace.yaml``, which ticks the execution and workflow sensors and
    the scoring schedules once they are switched on (or started with
    ``AUTOEXEC_SENSOR_STATUS=running``).
 
-Ctrl-C or SIGTERM stops all four; the local destinations also stop by themselves if this process
+Ctrl-C or SIGTERM stops all five; the local destinations also stop by themselves if this process
 dies.
 """
 
@@ -34,7 +37,13 @@ from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit
 
-from demo import PROJECT_DIR, ensure_crm_secret, ensure_infra_secret, prepare_dagster_home
+from demo import (
+    PROJECT_DIR,
+    ensure_crm_secret,
+    ensure_infra_secret,
+    ensure_secret,
+    prepare_dagster_home,
+)
 
 BIN_DIR = Path(sys.executable).parent
 STARTUP_TIMEOUT_SECONDS = 120.0
@@ -44,6 +53,7 @@ STOP_TIMEOUT_SECONDS = 15.0
 LINEAGE_PATHS = {
     "churn": "/assets/churn_scores?view=lineage&lineageScope=neighbors&lineageDepth=3",
     "host remediation": "/assets/host_anomalies?view=lineage&lineageScope=neighbors&lineageDepth=3",
+    "campaigns": "/assets/campaign_click_insight?view=lineage&lineageScope=neighbors&lineageDepth=3",
 }
 
 
@@ -155,11 +165,20 @@ def run(host: str, port: int) -> int:
     home = prepare_dagster_home()
     ensure_crm_secret()
     ensure_infra_secret()
+    from resources.campaign_channels import (
+        TRACKING_SECRET_ENV,
+        default_tracking_url,
+        tracking_db_path,
+    )
     from resources.channels import crm_db_path, default_crm_url, default_smtp_port, mailbox_dir
     from resources.host_channels import default_infra_api_url, infra_db_path
 
+    # The campaign emails' links are signed with it and the tracking endpoint checks them.
+    ensure_secret(TRACKING_SECRET_ENV)
+
     crm_port = urlsplit(default_crm_url()).port or 80
     infra_port = urlsplit(default_infra_api_url()).port or 80
+    tracking_port = urlsplit(default_tracking_url()).port or 80
     signal.signal(signal.SIGTERM, _stop)
     children = Children()
     try:
@@ -194,6 +213,20 @@ def run(host: str, port: int) -> int:
         )
         api = read_ready_line(infra, STARTUP_TIMEOUT_SECONDS, name="the infrastructure API")
         print(f"Infrastructure API on {api['url']} -> {api['db']}")
+        tracking = children.start(
+            "tracking endpoint",
+            [
+                sys.executable,
+                "-m",
+                "resources.tracking_server",
+                f"--port={tracking_port}",
+                f"--db={tracking_db_path()}",
+                f"--owner-pid={os.getpid()}",
+            ],
+            stdout=subprocess.PIPE,
+        )
+        events = read_ready_line(tracking, STARTUP_TIMEOUT_SECONDS, name="the tracking endpoint")
+        print(f"Campaign tracking endpoint on {events['url']} -> {events['db']}")
         workspace = str(PROJECT_DIR / "workspace.yaml")
         webserver = children.start(
             "dagster-webserver",
