@@ -247,3 +247,9 @@ def test_the_reason_says_so_when_there_is_no_spread_to_bound_the_difference() ->
     assert decision.promote is None
     assert "nan" not in decision.reason
     assert "no spread in the outcomes yet to bound it" in decision.reason
+
+
+def test_days_are_shown_in_tenths_rounded_down() -> None:
+    almost = _decide(CLEAR, days=2.96)
+    assert almost.reason == "keep running: ran 2.9 of 3 days"
+    assert "ran 4.6 days (min 3)" in _decide(CLEAR, days=14 / 3 - 0.01).reason

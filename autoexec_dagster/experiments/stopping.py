@@ -245,10 +245,12 @@ def stopping_decision(
     failed: list[str] = []
     passed: list[str] = []
 
+    # Tenths, rounded down: "ran 4.7 days", and never "ran 3 of 3 days" at 2.96.
+    days_shown = math.floor(days_elapsed * 10) / 10
     if days_elapsed >= min_days:
-        passed.append(f"ran {days_elapsed:g} days (min {min_days:g})")
+        passed.append(f"ran {days_shown:g} days (min {min_days:g})")
     else:
-        failed.append(f"ran {days_elapsed:g} of {min_days:g} days")
+        failed.append(f"ran {days_shown:g} of {min_days:g} days")
 
     fewest = min(live_arms, key=lambda arm: arm.n)
     if fewest.n >= min_samples:
