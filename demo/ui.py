@@ -53,7 +53,7 @@ STOP_TIMEOUT_SECONDS = 15.0
 LINEAGE_PATHS = {
     "churn": "/assets/churn_scores?view=lineage&lineageScope=neighbors&lineageDepth=3",
     "host remediation": "/assets/host_anomalies?view=lineage&lineageScope=neighbors&lineageDepth=3",
-    "campaigns": "/assets/campaign_click_insight?view=lineage&lineageScope=neighbors&lineageDepth=3",
+    "campaigns": "/assets/campaign_optimisation/actions?view=lineage&lineageScope=neighbors&lineageDepth=3",
 }
 
 
