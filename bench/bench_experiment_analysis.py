@@ -266,6 +266,8 @@ def report(result: dict[str, Any]) -> list[str]:
         f"baseline (rate per variant by hand: merge, window, group): median "
         f"{result['baseline_median']:.3f} s -> analysis is {result['ratio']:.2f}x the baseline; "
         f"rates agree: {result['agree']}",
+        f"  the first call, which imports scipy.stats (lazily, on first use): "
+        f"{result['analysis_seconds'][0]:.3f} s",
         f"  rates {result['rates']}; P(best) {result['probability_best']}; SRM p "
         f"{result['srm_p_value']:.3g}; outcomes before exposure "
         f"{result['outcomes_before_exposure']:,}",
