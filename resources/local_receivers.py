@@ -39,6 +39,7 @@ from resources.local_servers import (
     LOOPBACK,
     SmtpSink,
     SqliteAiohttpServer,
+    add_lifetime_arguments,
     mailbox_filename,
     serve_in_foreground,
 )
@@ -209,20 +210,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "argument: arguments are visible to every user of the machine)",
     )
     parser.add_argument("--crm-latency-ms", type=float, default=0.0)
-    parser.add_argument(
-        "--exit-with-parent",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="stop when the process that started this one exits (default: on)",
-    )
-    parser.add_argument(
-        "--owner-pid",
-        type=int,
-        default=None,
-        help="also stop when this process exits; an owner that may exit right after starting "
-        "this one should pass its pid, since by the time this process looks, its parent may "
-        "already be gone",
-    )
+    add_lifetime_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -13,6 +13,7 @@ This module imports neither Dagster nor the library: ``python -m resources.local
 the benchmark's latency server use it in processes of their own.
 """
 
+import argparse
 import asyncio
 import atexit
 import contextlib
@@ -514,6 +515,29 @@ class SmtpSink(BackgroundServer):
 
 
 # -- running a server as its own process -------------------------------------------------------
+
+
+def add_lifetime_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--exit-with-parent`` and ``--owner-pid``, the options :func:`serve_in_foreground`
+    takes from every local server's command line.
+
+    Args:
+        parser: The server's argument parser.
+    """
+    parser.add_argument(
+        "--exit-with-parent",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stop when the process that started this one exits (default: on)",
+    )
+    parser.add_argument(
+        "--owner-pid",
+        type=int,
+        default=None,
+        help="also stop when this process exits; an owner that may exit right after starting "
+        "this one should pass its pid, since by the time this process looks, its parent may "
+        "already be gone",
+    )
 
 
 def process_alive(pid: int) -> bool:

@@ -112,7 +112,12 @@ from typing import Any
 import pandas as pd
 from aiohttp import web
 
-from resources.local_servers import LOOPBACK, SqliteAiohttpServer, serve_in_foreground
+from resources.local_servers import (
+    LOOPBACK,
+    SqliteAiohttpServer,
+    add_lifetime_arguments,
+    serve_in_foreground,
+)
 from resources.suppliers import SupplierCatalogue
 
 __all__ = [
@@ -894,15 +899,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="read the API's time from this file (ISO 8601), for a demo on an injected clock",
     )
-    parser.add_argument(
-        "--exit-with-parent",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="stop when the process that started this one exits (default: on)",
-    )
-    parser.add_argument(
-        "--owner-pid", type=int, default=None, help="also stop when this process exits"
-    )
+    add_lifetime_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -53,7 +53,12 @@ from pathlib import Path
 
 from aiohttp import web
 
-from resources.local_servers import LOOPBACK, SqliteAiohttpServer, serve_in_foreground
+from resources.local_servers import (
+    LOOPBACK,
+    SqliteAiohttpServer,
+    add_lifetime_arguments,
+    serve_in_foreground,
+)
 
 __all__ = [
     "DEFAULT_SECRET_ENV",
@@ -371,15 +376,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help=f"accept the event time from the {SIM_TIME_HEADER} header (demos only)",
     )
-    parser.add_argument(
-        "--exit-with-parent",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="stop when the process that started this one exits (default: on)",
-    )
-    parser.add_argument(
-        "--owner-pid", type=int, default=None, help="also stop when this process exits"
-    )
+    add_lifetime_arguments(parser)
     return parser.parse_args(argv)
 
 

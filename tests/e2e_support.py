@@ -131,6 +131,33 @@ def train_and_score(instance: dg.DagsterInstance, days: tuple[str, ...]) -> None
         assert scored.success
 
 
+# The deployment's settings: a demo under test must not see the developer's own.
+DEPLOYMENT_ENV_PREFIXES = ("AUTOEXEC_", "CRM_", "INFRA_", "SUPPLIER_", "CAMPAIGN_")
+
+
+def run_demo(args: list[str], *, home: Path, var: Path, timeout: float) -> str:
+    """Run ``python -m demo ARGS`` on its own DAGSTER_HOME and var folder; its stdout.
+
+    Fails the test when the demo exits non-zero or prints a traceback.
+    """
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(DEPLOYMENT_ENV_PREFIXES)},
+        "DAGSTER_HOME": str(home),
+        "AUTOEXEC_VAR_DIR": str(var),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "demo", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.stdout
+
+
 def start_process(command: list[str], *, env: Mapping[str, str], log: Path) -> subprocess.Popen:
     """Start a process in the repository, in a session of its own, logging to a file."""
     with log.open("wb") as out:

@@ -5,16 +5,13 @@ DAGSTER_HOME and var folder, at full size (20,000 customers a day). The host sto
 test, tests/test_demo_hosts.py.
 """
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from autoexec_dagster import ActionLedger
-from tests.e2e_support import REPO
+from tests.e2e_support import run_demo
 
 pytestmark = pytest.mark.slow
 
@@ -23,22 +20,7 @@ RUN_TIMEOUT = 300
 
 
 def _run_demo(home: Path, var: Path) -> str:
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("AUTOEXEC_", "CRM_"))},
-        "DAGSTER_HOME": str(home),
-        "AUTOEXEC_VAR_DIR": str(var),
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "demo", "churn", "--partition", DAY],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    return result.stdout
+    return run_demo(["churn", "--partition", DAY], home=home, var=var, timeout=RUN_TIMEOUT)
 
 
 def _number(pattern: str, text: str) -> int:

@@ -8,11 +8,8 @@ the tracking endpoint's database, with the mailbox and with the truth of
 """
 
 import datetime as dt
-import os
 import re
 import sqlite3
-import subprocess
-import sys
 from contextlib import closing
 from pathlib import Path
 
@@ -20,7 +17,7 @@ import pytest
 
 from autoexec_dagster import ActionLedger
 from resources.campaign_variants import CONTROL, TRUE_CLICK_RATES, true_best, true_lift
-from tests.e2e_support import REPO
+from tests.e2e_support import run_demo
 
 pytestmark = pytest.mark.slow
 
@@ -38,26 +35,9 @@ _ROW = re.compile(
 
 
 def _run_demo(home: Path, var: Path) -> str:
-    env = {
-        **{
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("AUTOEXEC_", "CRM_", "INFRA_", "SUPPLIER_", "CAMPAIGN_"))
-        },
-        "DAGSTER_HOME": str(home),
-        "AUTOEXEC_VAR_DIR": str(var),
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "demo", "campaigns", "--campaign-days", str(DAYS)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
+    return run_demo(
+        ["campaigns", "--campaign-days", str(DAYS)], home=home, var=var, timeout=RUN_TIMEOUT
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    return result.stdout
 
 
 def _checks(text: str) -> dict[str, tuple[int, int]]:

@@ -8,11 +8,8 @@ tuned to the output.
 """
 
 import json
-import os
 import re
 import sqlite3
-import subprocess
-import sys
 from collections import Counter
 from contextlib import closing
 from pathlib import Path
@@ -21,7 +18,7 @@ import pytest
 
 from assets.hosts import injected_faults
 from autoexec_dagster import ActionLedger
-from tests.e2e_support import REPO
+from tests.e2e_support import run_demo
 
 pytestmark = pytest.mark.slow
 
@@ -31,24 +28,7 @@ RUN_TIMEOUT = 600
 
 
 def _run_demo(home: Path, var: Path) -> str:
-    env = {
-        **{
-            k: v for k, v in os.environ.items() if not k.startswith(("AUTOEXEC_", "CRM_", "INFRA_"))
-        },
-        "DAGSTER_HOME": str(home),
-        "AUTOEXEC_VAR_DIR": str(var),
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "demo", "hosts", "--hour", HOUR],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    return result.stdout
+    return run_demo(["hosts", "--hour", HOUR], home=home, var=var, timeout=RUN_TIMEOUT)
 
 
 def _number(pattern: str, text: str) -> int:

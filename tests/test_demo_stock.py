@@ -8,11 +8,8 @@ to the output.
 """
 
 import datetime as dt
-import os
 import re
 import sqlite3
-import subprocess
-import sys
 from contextlib import closing
 from pathlib import Path
 
@@ -20,7 +17,7 @@ import pytest
 
 from assets import generate_inventory
 from autoexec_dagster import ActionLedger
-from tests.e2e_support import REPO
+from tests.e2e_support import run_demo
 
 pytestmark = pytest.mark.slow
 
@@ -30,26 +27,7 @@ RUN_TIMEOUT = 600
 
 
 def _run_demo(home: Path, var: Path) -> str:
-    env = {
-        **{
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("AUTOEXEC_", "CRM_", "INFRA_", "SUPPLIER_"))
-        },
-        "DAGSTER_HOME": str(home),
-        "AUTOEXEC_VAR_DIR": str(var),
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "demo", "stock", "--day", DAY],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    return result.stdout
+    return run_demo(["stock", "--day", DAY], home=home, var=var, timeout=RUN_TIMEOUT)
 
 
 def _number(pattern: str, text: str) -> int:
