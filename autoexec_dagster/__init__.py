@@ -6,6 +6,7 @@ action, a person or a holdout; channels execute the actions; the action ledger r
 
 from autoexec_dagster.approvals.links import ApprovalLinks
 from autoexec_dagster.backtest import BacktestReport, backtest
+from autoexec_dagster.budgets import Budget
 from autoexec_dagster.channels.base import ActionRequest, Channel, Delivered, Sender
 from autoexec_dagster.channels.email import EmailChannel
 from autoexec_dagster.channels.python import PythonChannel
@@ -62,6 +63,7 @@ __all__ = [
     "ApprovalLinks",
     "AutoexecError",
     "BacktestReport",
+    "Budget",
     "Channel",
     "ChannelConfigError",
     "ChannelError",

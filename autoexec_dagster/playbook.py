@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from autoexec_dagster.budgets import Budget
 from autoexec_dagster.errors import PlaybookError
 from autoexec_dagster.experiments.experiment import Experiment
 from autoexec_dagster.experiments.outcome_metric import OutcomeMetric
@@ -194,6 +195,9 @@ class Guardrails(BaseModel):
         cooldown_days: An entity that received the same action (from another partition) within
             this many days is skipped, and the ledger says why: a customer flagged ten days in a
             row gets one retention email, not ten. None disables the cooldown.
+        budgets: Limits on actions per entity (or per playbook) within a rolling period,
+            shared by name with every playbook recording into the same ledger and enforced
+            atomically across workers; see :class:`~autoexec_dagster.Budget`.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -204,6 +208,16 @@ class Guardrails(BaseModel):
     dry_run: bool = False
     # At most a century: a longer window overflows the date arithmetic of the cooldown query.
     cooldown_days: float | None = Field(default=None, gt=0, le=36_500)
+    budgets: list[Budget] = Field(default_factory=list)
+
+    @field_validator("budgets")
+    @classmethod
+    def _check_budgets(cls, value: list[Budget]) -> list[Budget]:
+        names = [budget.name for budget in value]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"budget names must be unique in a playbook, got {repeated} twice")
+        return value
 
 
 class Playbook(BaseModel):
@@ -299,6 +313,14 @@ class Playbook(BaseModel):
         names = [r.experiment.name for r in self.rules if r.experiment is not None]
         if len(names) != len(set(names)):
             raise ValueError(f"experiment names must be unique in a playbook, got {names}")
+        acting = {rule.action for rule in self.rules if rule.action is not None}
+        for budget in self.guardrails.budgets:
+            strangers = sorted(set(budget.actions or ()) - acting)
+            if strangers:
+                raise ValueError(
+                    f"budget {budget.name!r} limits action(s) {strangers} that no rule takes; "
+                    f"the rules take {sorted(acting) or 'no actions'}"
+                )
         used = {rule.workflow for rule in self.rules if rule.workflow is not None}
         unknown = sorted(used - set(self.workflows))
         if unknown:

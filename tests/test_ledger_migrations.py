@@ -51,7 +51,7 @@ def test_a_v1_ledger_migrates_in_place_and_a_rerun_sends_nothing(tmp_path):
     engine.dispose()
 
     ledger = ActionLedger(url)
-    assert ledger.schema_version == schema.SCHEMA_VERSION == 4
+    assert ledger.schema_version == schema.SCHEMA_VERSION == 5
     with ledger.engine.connect() as conn:
         kept = conn.execute(sa.select(sa.func.count()).select_from(schema.actions)).scalar_one()
         superseded = conn.execute(
@@ -88,7 +88,7 @@ def test_migrating_twice_is_a_no_op(tmp_path):
     url = _v1_ledger(tmp_path)
     ActionLedger(url).dispose()
     again = ActionLedger(url)
-    assert again.schema_version == 4
+    assert again.schema_version == 5
 
 
 def test_a_v1_ledger_gains_the_version_3_tables_and_columns(tmp_path):
@@ -114,7 +114,7 @@ def test_a_v3_ledger_gains_the_experiment_tables_and_a_rerun_sends_nothing(tmp_p
     assert version == 3 and before > 0
 
     ledger = ActionLedger(url)
-    assert ledger.schema_version == 4
+    assert ledger.schema_version == 5
     inspector = sa.inspect(ledger.engine)
     tables = set(inspector.get_table_names())
     assert {
@@ -124,6 +124,8 @@ def test_a_v3_ledger_gains_the_experiment_tables_and_a_rerun_sends_nothing(tmp_p
         "autoexec_experiment_events",
         "autoexec_exposures",
         "autoexec_outcomes",
+        "autoexec_budget_spend",
+        "autoexec_budget_locks",
     } <= tables
     assert "variant" in {c["name"] for c in inspector.get_columns("autoexec_actions")}
     with ledger.engine.connect() as conn:

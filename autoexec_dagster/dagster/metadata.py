@@ -355,6 +355,12 @@ def partition_markdown(
             f"  - {outcome.cooled_down:,} of them not repeated (cooldown: the same action was "
             f"delivered to them{f' within {days:g} day(s)' if days else ' recently'})"
         )
+    if outcome.over_budget:
+        budgets = ", ".join(f"{b.name} ({b.describe()})" for b in playbook.guardrails.budgets)
+        lines.append(
+            f"  - {outcome.over_budget:,} of them not sent: a budget was spent"
+            + (f" ({budgets})" if budgets else "")
+        )
     lines.append(
         f"- **{outcome.escalated:,}** escalated to a person ({outcome.open_escalations:,} still "
         "open)"
@@ -414,6 +420,7 @@ def actions_metadata(
     optional = {
         "still_open": (outcome.still_open, False),
         "cooled_down": (outcome.cooled_down, bool(guardrails.cooldown_days)),
+        "over_budget": (outcome.over_budget, bool(guardrails.budgets)),
         "held_out": (outcome.held_out, guardrails.holdout_fraction > 0),
         "dry_run": (outcome.dry_run, report.dry_run),
         "pending": (outcome.pending, False),

@@ -292,6 +292,7 @@ def _prepare(
         starts=starts,
         experiments={} if dry else _start_experiments(ledger, playbook, keyed, act_positions),
         measured=measured_actions(playbook),
+        budgets=playbook.guardrails.budgets,
     )
     if report.already_done:
         versions = ledger.partition_versions(playbook=playbook.name, partition_key=partition)

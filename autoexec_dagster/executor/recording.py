@@ -11,13 +11,14 @@ with who suppressed it and until when. A rule escalation that proposes an action
 """
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from autoexec_dagster.budgets import Budget
 from autoexec_dagster.channels.base import Channel
 from autoexec_dagster.executor.report import ExecutionReport
 from autoexec_dagster.experiments.experiment import Experiment
@@ -76,6 +77,7 @@ def record_plan(
     starts: Mapping[str, tuple[str, Workflow]] | None = None,
     experiments: Mapping[str, tuple[Experiment, ExperimentState]] | None = None,
     measured: Collection[str] = (),
+    budgets: Sequence[Budget] = (),
 ) -> dict[str, list[str]]:
     """Record every entity in the ledger; return the keys still to send, per action.
 
@@ -92,6 +94,10 @@ def record_plan(
     ledger state) is assigned its variant here, sticky per entity, and the row records it. For
     the actions in ``measured`` each new action and holdout row is recorded as an exposure, the
     unit outcomes are joined to.
+
+    With ``budgets`` (the playbook's), each new action spends from them as it is reserved, in
+    the same transaction; one a budget refuses is recorded as skipped, naming the budget, and
+    counted as ``over_budget``.
     """
     info = keyed.attrs[PLAN_ATTRS]
     partition = info["partition_key"] or ""
@@ -199,7 +205,16 @@ def record_plan(
             if i in data:
                 row["data"] = data[i]
             rows.append(row)
-        inserted = set(ledger.reserve(rows))
+        refused: dict[str, str] = {}
+        if budgets and not dry:
+            keys, refused = ledger.reserve_within_budgets(rows, budgets=budgets)
+            inserted = set(keys)
+            for row in rows:
+                why = refused.get(row["idempotency_key"])
+                if why is not None:
+                    row["state"], row["detail"] = SKIPPED, why
+        else:
+            inserted = set(ledger.reserve(rows))
         existing = [r["idempotency_key"] for r in rows if r["idempotency_key"] not in inserted]
         states = ledger.states(existing) if existing else {}
         existing_workflows = [
@@ -233,6 +248,10 @@ def record_plan(
                     report.already_done += 1
                     if decision == "act":
                         report.count(action, "already_done")
+                continue
+            if row["idempotency_key"] in refused:
+                report.over_budget += 1
+                report.count(action, "over_budget")
                 continue
             if row["idempotency_key"] in inserted:
                 if decision == "act" and row["detail"] is not None:
@@ -288,7 +307,7 @@ def record_plan(
             _record_exposures(
                 ledger,
                 rows,
-                inserted | pending,
+                (inserted - refused.keys()) | pending,
                 info=info,
                 measured=measured,
                 variants={rows[p - start]["idempotency_key"]: v for p, v in variants.items()},

@@ -41,6 +41,8 @@ class ExecutionReport:
         already_done: Entities a previous execution had already finished.
         cooled_down: Actions skipped because the entity got the same action within the
             playbook's cooldown.
+        over_budget: Actions skipped because a budget of the playbook was spent (per entity
+            or per playbook, over every playbook sharing it).
         dry_run_actions: Actions recorded as "would have been sent" in dry-run mode.
         pending: Actions left unsent (paused, or claimed by another live worker).
         claimed_elsewhere: Actions another live worker was executing at the same time.
@@ -76,6 +78,7 @@ class ExecutionReport:
     skipped: int = 0
     already_done: int = 0
     cooled_down: int = 0
+    over_budget: int = 0
     dry_run_actions: int = 0
     pending: int = 0
     claimed_elsewhere: int = 0
@@ -117,8 +120,8 @@ class ExecutionReport:
     @property
     def autonomous(self) -> int:
         """Flagged entities handled without a person: delivered, would-be-delivered, or left
-        alone on purpose because the same action went out recently."""
-        return self.succeeded + self.dry_run_actions + self.cooled_down
+        alone on purpose because the same action went out recently or a budget was spent."""
+        return self.succeeded + self.dry_run_actions + self.cooled_down + self.over_budget
 
     @property
     def autonomy_rate(self) -> float | None:
@@ -151,6 +154,7 @@ class ExecutionReport:
             "skipped": self.skipped,
             "already_done": self.already_done,
             "cooled_down": self.cooled_down,
+            "over_budget": self.over_budget,
             "dry_run": self.dry_run_actions,
             "pending": self.pending,
             "retries": self.retries,
@@ -197,6 +201,8 @@ class ExecutionReport:
             lines.append(
                 f"- {self.cooled_down:,} not repeated: same action delivered recently (cooldown)"
             )
+        if self.over_budget:
+            lines.append(f"- {self.over_budget:,} not sent: a budget was spent (see the ledger)")
         if self.already_done:
             lines.append(f"- {self.already_done:,} already done by an earlier run (nothing resent)")
         if self.earlier_versions:
@@ -256,4 +262,13 @@ class ExecutionReport:
         }
 
 
-_OUTCOMES = ("succeeded", "failed", "escalated", "held_out", "cooldown", "dry_run", "already_done")
+_OUTCOMES = (
+    "succeeded",
+    "failed",
+    "escalated",
+    "held_out",
+    "cooldown",
+    "over_budget",
+    "dry_run",
+    "already_done",
+)

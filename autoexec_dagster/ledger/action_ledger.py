@@ -15,6 +15,7 @@
 """
 
 from autoexec_dagster.ledger.approvals import ApprovalStore
+from autoexec_dagster.ledger.budget_store import BudgetStore
 from autoexec_dagster.ledger.controls import Controls
 from autoexec_dagster.ledger.engine import DEFAULT_LEDGER_URL
 from autoexec_dagster.ledger.escalations import Escalations
@@ -29,6 +30,7 @@ __all__ = ["DEFAULT_LEDGER_URL", "ActionLedger", "Outcome", "WorkItem", "new_wor
 
 
 class ActionLedger(
+    BudgetStore,
     Outbox,
     Suppressions,
     Escalations,

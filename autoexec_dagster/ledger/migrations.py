@@ -215,4 +215,10 @@ def _to_v4(conn: sa.Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
-MIGRATIONS: dict[int, Migration] = {1: _to_v2, 2: _to_v3, 3: _to_v4}
+def _to_v5(conn: sa.Connection) -> None:
+    """Budgets: what each budget spent, and the rows writers lock to spend it atomically."""
+    for table in (schema.budget_spend, schema.budget_locks):
+        table.create(conn, checkfirst=True)
+
+
+MIGRATIONS: dict[int, Migration] = {1: _to_v2, 2: _to_v3, 3: _to_v4, 4: _to_v5}

@@ -98,20 +98,24 @@ class Outbox(LedgerBase):
         """
         if not rows:
             return []
+        with self._write("reserve actions") as conn:
+            return self._insert_actions(conn, rows)
+
+    def _insert_actions(self, conn: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Insert the rows that do not exist yet, in ``conn``'s transaction; the keys inserted."""
         stamp = utcnow()
         t = schema.actions
         statement = self._insert_ignore(t).returning(t.c.idempotency_key)
         inserted: list[str] = []
-        with self._write("reserve actions") as conn:
-            for chunk in chunks(rows, 5_000):
-                values = []
-                for row in chunk:
-                    data = row.get("data")
-                    record = {k: v for k, v in row.items() if k != "data"}
-                    # executemany needs the same columns in every row.
-                    record["payload"] = payload.dumps(data) if data is not None else None
-                    values.append({"created_at": stamp, "updated_at": stamp, **record})
-                inserted.extend(r[0] for r in conn.execute(statement, values))
+        for chunk in chunks(rows, 5_000):
+            values = []
+            for row in chunk:
+                data = row.get("data")
+                record = {k: v for k, v in row.items() if k != "data"}
+                # executemany needs the same columns in every row.
+                record["payload"] = payload.dumps(data) if data is not None else None
+                values.append({"created_at": stamp, "updated_at": stamp, **record})
+            inserted.extend(r[0] for r in conn.execute(statement, values))
         return inserted
 
     def states(self, keys: Sequence[str]) -> dict[str, tuple[str, str | None]]:

@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 import sqlalchemy as sa
 
+from autoexec_dagster.budgets import BUDGET_DETAIL
 from autoexec_dagster.ledger import schema
 from autoexec_dagster.ledger.engine import LedgerBase, chunks
 from autoexec_dagster.ledger.schema import FINAL_STATES, OPEN
@@ -317,6 +318,7 @@ class LedgerQueries(LedgerBase):
         kind = sa.case(
             (a.c.detail.like(f"{COOLDOWN_DETAIL}%"), "cooldown"),
             (a.c.detail.like(f"{STILL_OPEN_DETAIL}%"), "still_open"),
+            (a.c.detail.like(f"{BUDGET_DETAIL}%"), "over_budget"),
             else_="",
         )
         rows_query = (
@@ -552,6 +554,7 @@ class PartitionOutcome:
             partition (not escalated again).
         still_open_by_partition: ``still_open`` by the partition the escalation was opened in.
         cooled_down: Actions not repeated because the same action went out recently.
+        over_budget: Actions not sent because a budget of the playbook was spent.
         held_out: Entities in the control group.
         skipped: Entities no rule acted on.
         dry_run: Actions recorded as "would have been sent".
@@ -579,6 +582,7 @@ class PartitionOutcome:
     still_open: int = 0
     still_open_by_partition: dict[str, int] = field(default_factory=dict)
     cooled_down: int = 0
+    over_budget: int = 0
     held_out: int = 0
     skipped: int = 0
     dry_run: int = 0
@@ -640,6 +644,9 @@ class PartitionOutcome:
         elif kind == "cooldown":
             self.cooled_down += n
             outcome = "cooldown"
+        elif kind == "over_budget":
+            self.over_budget += n
+            outcome = "over_budget"
         elif kind == "still_open":
             self.still_open += n
         elif state == schema.ESCALATED:
@@ -654,7 +661,13 @@ class PartitionOutcome:
     def autonomous(self) -> int:
         """Flagged entities handled without a person (as ExecutionReport counts them), and
         entities whose workflow finished every step."""
-        return self.succeeded + self.dry_run + self.cooled_down + self.workflows_succeeded
+        return (
+            self.succeeded
+            + self.dry_run
+            + self.cooled_down
+            + self.over_budget
+            + self.workflows_succeeded
+        )
 
     @property
     def autonomy_rate(self) -> float | None:
@@ -677,6 +690,7 @@ class PartitionOutcome:
             "still_open": self.still_open,
             "still_open_by_partition": dict(self.still_open_by_partition),
             "cooled_down": self.cooled_down,
+            "over_budget": self.over_budget,
             "held_out": self.held_out,
             "skipped": self.skipped,
             "dry_run": self.dry_run,

@@ -19,7 +19,7 @@ held out, by the ledger's clock), the outcomes themselves, and the variant on ea
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 OPEN = "open"
 RESOLVED = "resolved"
 
@@ -426,4 +426,29 @@ outcomes = sa.Table(
     sa.Column("metric", sa.String(100), primary_key=True),
     sa.Column("value", sa.Float, nullable=False),
     sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Budgets (issue 10): what each budget has spent, per scope (an entity, or a playbook), shared by
+# every playbook and worker that records into this ledger.
+budget_spend = sa.Table(
+    "autoexec_budget_spend",
+    metadata,
+    sa.Column("budget", sa.String(100), primary_key=True),
+    # The action's key: a re-run of the same action never spends twice.
+    sa.Column("idempotency_key", sa.String(80), primary_key=True),
+    # The entity id (per-entity budgets) or the playbook (per-playbook budgets).
+    sa.Column("scope", sa.String(300), nullable=False),
+    sa.Column("playbook", sa.String(100), nullable=False),
+    sa.Column("action", sa.String(100), nullable=False),
+    sa.Column("spent_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_autoexec_budget_spend_scope", "budget", "scope", "spent_at"),
+)
+
+# One row per (budget, scope) that has ever spent: the row a PostgreSQL writer locks (FOR UPDATE)
+# before it counts the scope's spend, so two workers cannot both take the last unit.
+budget_locks = sa.Table(
+    "autoexec_budget_locks",
+    metadata,
+    sa.Column("budget", sa.String(100), primary_key=True),
+    sa.Column("scope", sa.String(300), primary_key=True),
 )
