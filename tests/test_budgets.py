@@ -1,15 +1,18 @@
 """Budgets: at most K actions per entity (or per playbook) within a rolling period, shared by
 every playbook and worker that records into one ledger, enforced where actions are reserved."""
 
+import re
 import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+from click.testing import CliRunner
 from pydantic import ValidationError
 
 from autoexec_dagster import ActionLedger, Budget, Guardrails, Playbook, Rule, execute_plan, route
+from autoexec_dagster.cli import cli
 from autoexec_dagster.ledger import schema
 from tests.channel_doubles import RecordingChannel
 from tests.conftest import churn_scores
@@ -77,6 +80,20 @@ def test_an_entity_gets_one_action_per_period_over_partitions(tmp_path) -> None:
     )
     outcome = ledger.partition_outcome(playbook="churn_outreach", partition_key="2026-11-03")
     assert outcome.over_budget == second.over_budget and outcome.succeeded == 0
+    shown = CliRunner().invoke(
+        cli,
+        [
+            "summary",
+            "--ledger",
+            f"sqlite:///{tmp_path / 'ledger.db'}",
+            "--playbook",
+            "churn_outreach",
+        ],
+        catch_exceptions=False,
+    )
+    assert re.search(rf"of which over a budget\s+{second.over_budget:,}", shown.output), (
+        shown.output
+    )
     # A re-run sends nothing and spends nothing.
     again = _run(playbook, ledger, "2026-11-03", channel)
     assert again.succeeded == again.over_budget == 0
@@ -184,3 +201,24 @@ def test_bad_budgets_are_refused_when_the_playbook_loads() -> None:
             rules=[Rule(name="r", when="score > 1", action="email")],
             guardrails=Guardrails(budgets=[Budget(name="b", max_actions=1, actions=["sms"])]),
         )
+
+
+def test_budgets_load_from_a_yaml_playbook(tmp_path) -> None:
+    path = tmp_path / "playbook.yaml"
+    path.write_text(
+        """
+name: churn_outreach
+entity_key: customer_id
+rules:
+  - {name: at_risk, when: "churn_score >= 0.7", action: retention_email}
+guardrails:
+  budgets:
+    - {name: customer_contact, max_actions: 1, period: 7d, actions: [retention_email]}
+    - {name: daily_sends, max_actions: 5000, period: 1d, per: playbook}
+"""
+    )
+    playbook = Playbook.from_yaml(path)
+    contact, daily = playbook.guardrails.budgets
+    assert contact.window == timedelta(days=7) and contact.limits("retention_email")
+    assert not contact.limits("crm_task")
+    assert daily.describe() == "at most 5,000 actions per playbook in 1d"

@@ -97,6 +97,14 @@ def summary(
                 "cooldown_days)",
             )
         )
+    if total["over_budget"]:
+        click.echo(
+            _count_line(
+                "  of which over a budget",
+                total["over_budget"],
+                "(not sent: a budget of the playbook was spent; the ledger's detail names it)",
+            )
+        )
     click.echo(_count_line("escalated to a person", total["escalated"]))
     if total["still_open"]:
         origins = ", ".join(f"{n:,} from {k}" for k, n in sorted(total["still_open_by"].items()))
@@ -141,7 +149,8 @@ def _count_line(label: str, value: int, note: str = "") -> str:
 
 
 def _sum_outcomes(outcomes: Sequence[Any]) -> dict[str, Any]:
-    keys = ("flagged", "autonomous", "cooled_down", "escalated", "still_open", "held_out")
+    keys = ("flagged", "autonomous", "cooled_down", "over_budget", "escalated", "still_open")
+    keys += ("held_out",)
     keys += ("skipped", "failed", "dry_run", "pending")
     keys += ("workflows", "workflows_succeeded", "workflows_active")
     total: dict[str, Any] = {k: sum(int(getattr(o, k)) for o in outcomes) for k in keys}
