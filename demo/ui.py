@@ -80,6 +80,22 @@ class Children:
         self.procs.append((name, proc))
         return proc
 
+    def start_destination(self, name: str, module: str, *args: str) -> dict[str, Any]:
+        """Start a local destination (``python -m MODULE ARGS``, owned by this process) and wait
+        for its JSON ready line.
+
+        Args:
+            name: What to call it in messages ("the infrastructure API").
+            module: The module to run.
+            *args: Its arguments; ``--owner-pid`` is added.
+
+        Returns:
+            The ready line.
+        """
+        command = [sys.executable, "-m", module, *args, f"--owner-pid={os.getpid()}"]
+        proc = self.start(name, command, stdout=subprocess.PIPE)
+        return read_ready_line(proc, STARTUP_TIMEOUT_SECONDS, name=name)
+
     def exited(self) -> tuple[str, int] | None:
         """The name and exit code of the first child that has exited, if any."""
         for name, proc in self.procs:
@@ -182,50 +198,29 @@ def run(host: str, port: int) -> int:
     signal.signal(signal.SIGTERM, _stop)
     children = Children()
     try:
-        receivers = children.start(
-            "local receivers",
-            [
-                sys.executable,
-                "-m",
-                "resources.local_receivers",
-                f"--smtp-port={default_smtp_port()}",
-                f"--crm-port={crm_port}",
-                f"--mailbox={mailbox_dir()}",
-                f"--crm-db={crm_db_path()}",
-                f"--owner-pid={os.getpid()}",
-            ],
-            stdout=subprocess.PIPE,
+        ready = children.start_destination(
+            "the local receivers",
+            "resources.local_receivers",
+            f"--smtp-port={default_smtp_port()}",
+            f"--crm-port={crm_port}",
+            f"--mailbox={mailbox_dir()}",
+            f"--crm-db={crm_db_path()}",
         )
-        ready = read_ready_line(receivers, STARTUP_TIMEOUT_SECONDS)
         print(f"SMTP sink on 127.0.0.1:{ready['smtp_port']} -> {ready['mailbox']}")
         print(f"CRM receiver on {ready['crm_url']} -> {ready['crm_db']}")
-        infra = children.start(
-            "infrastructure API",
-            [
-                sys.executable,
-                "-m",
-                "resources.infra_api",
-                f"--port={infra_port}",
-                f"--db={infra_db_path()}",
-                f"--owner-pid={os.getpid()}",
-            ],
-            stdout=subprocess.PIPE,
+        api = children.start_destination(
+            "the infrastructure API",
+            "resources.infra_api",
+            f"--port={infra_port}",
+            f"--db={infra_db_path()}",
         )
-        api = read_ready_line(infra, STARTUP_TIMEOUT_SECONDS, name="the infrastructure API")
         print(f"Infrastructure API on {api['url']} -> {api['db']}")
-        tracking = children.start(
-            "tracking endpoint",
-            [
-                sys.executable,
-                "-m",
-                "resources.tracking_server",
-                f"--port={tracking_port}",
-                f"--db={tracking_db_path()}",
-                f"--owner-pid={os.getpid()}",
-            ],
-            stdout=subprocess.PIPE,
+        events = children.start_destination(
+            "the tracking endpoint",
+            "resources.tracking_server",
+            f"--port={tracking_port}",
+            f"--db={tracking_db_path()}",
         )
-        events = read_ready_line(tracking, STARTUP_TIMEOUT_SECONDS, name="the tracking endpoint")
         print(f"Campaign tracking endpoint on {events['url']} -> {events['db']}")
         workspace = str(PROJECT_DIR / "workspace.yaml")
         webserver = children.start(
