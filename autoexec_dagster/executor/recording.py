@@ -205,16 +205,13 @@ def record_plan(
             if i in data:
                 row["data"] = data[i]
             rows.append(row)
-        refused: dict[str, str] = {}
-        if budgets and not dry:
-            keys, refused = ledger.reserve_within_budgets(rows, budgets=budgets)
-            inserted = set(keys)
-            for row in rows:
-                why = refused.get(row["idempotency_key"])
-                if why is not None:
-                    row["state"], row["detail"] = SKIPPED, why
-        else:
-            inserted = set(ledger.reserve(rows))
+        # Without budgets this is ledger.reserve; dry-run rows are never reserved, so never spend.
+        keys, refused = ledger.reserve_within_budgets(rows, budgets=budgets)
+        inserted = set(keys)
+        for row in rows if refused else ():
+            why = refused.get(row["idempotency_key"])
+            if why is not None:
+                row["state"], row["detail"] = SKIPPED, why
         existing = [r["idempotency_key"] for r in rows if r["idempotency_key"] not in inserted]
         states = ledger.states(existing) if existing else {}
         existing_workflows = [
