@@ -46,6 +46,7 @@ from autoexec_dagster.dagster.execution_assets import default_execute
 from autoexec_dagster.dagster.insight_sensor import FLAGGED_METADATA_KEY
 from autoexec_dagster.errors import ChannelConfigError
 from autoexec_dagster.executor.report import ExecutionReport
+from autoexec_dagster.executor.sharding import MAX_SHARDS
 from autoexec_dagster.ledger.action_ledger import ActionLedger
 from autoexec_dagster.playbook import Playbook
 
@@ -247,6 +248,14 @@ class ExecutionComponent(dg.Component, dg.Model, dg.Resolvable):
     flagged_share_blocking: bool = Field(
         default=True, description="Whether the flagged-share check blocks execution."
     )
+    shards: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_SHARDS,
+        description="Steps the delivery of a partition is split into, each with 1/N of every "
+        "channel's limits, under the code location's executor (e.g. celery); needs a ledger "
+        "every worker reaches. 1: one execute step.",
+    )
 
     def load_playbook(self, context: dg.ComponentLoadContext) -> Playbook:
         """The playbook: inline, or read from a path relative to the component's folder.
@@ -345,7 +354,11 @@ class ExecutionComponent(dg.Component, dg.Model, dg.Resolvable):
             else dg.DefaultScheduleStatus.STOPPED,
             schedule_timezone=self.schedule_timezone,
             flagged_share_blocking=self.flagged_share_blocking,
-            execute_fn=self.execute,
+            # A subclass's execute() with shards > 1 is refused by build_execution_defs.
+            execute_fn=self.execute
+            if self.shards == 1 or type(self).execute is not ExecutionComponent.execute
+            else None,
+            shards=self.shards,
             outcomes=self.outcomes,
             outcomes_partitions_def=outcome_partitions,
         )

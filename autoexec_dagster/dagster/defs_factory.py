@@ -55,6 +55,7 @@ from autoexec_dagster.dagster.metadata import PREVIEW_ROWS
 from autoexec_dagster.dagster.outcome_assets import build_outcome_defs
 from autoexec_dagster.dagster.workflow_sensor import build_workflow_sensor
 from autoexec_dagster.errors import ChannelConfigError, PlaybookError
+from autoexec_dagster.executor.sharding import check_shards
 from autoexec_dagster.experiments.experiment import check_variant_fields
 from autoexec_dagster.ledger.action_ledger import ActionLedger
 from autoexec_dagster.playbook import Playbook, experiments_by_action, proposes_actions
@@ -236,6 +237,8 @@ def build_execution_defs(
     approval_links: ApprovalLinks | None = None,
     outcomes: InsightRef | None = None,
     outcomes_partitions_def: dg.PartitionsDefinition | None = None,
+    shards: int = 1,
+    executor_def: dg.ExecutorDefinition | None = None,
 ) -> dg.Definitions:
     """Definitions that execute a playbook on every new partition of an insight asset.
 
@@ -290,6 +293,20 @@ def build_execution_defs(
             sensor ``<playbook>_outcomes_sensor``, which runs it for each new outcome partition.
         outcomes_partitions_def: The outcome asset's partitions when ``outcomes`` is only a key;
             default: the outcome asset's own, else the insight's.
+        shards: Split the delivery of each partition (first runs and workflow advances alike)
+            into this many steps, ``<playbook>_deliver_0`` .. ``_deliver_{N-1}`` between a
+            ``<playbook>_record`` and a ``<playbook>_merge`` step; each takes the actions whose
+            idempotency key hashes to it and ``1/N`` of every channel's concurrency and rate
+            limit, so the limits hold for the partition as a whole. The steps share the work
+            through the ledger, so it must be one every worker reaches (PostgreSQL across
+            machines; SQLite only on one), and so must the IO manager's storage (the instance's
+            storage directory by default). See ``executor_def``. 1 (the
+            default): one ``<playbook>_execute`` step, as before.
+        executor_def: The executor of ``<playbook>_execution_job``, e.g. dagster-celery's
+            ``celery_executor`` or dagster-k8s's ``k8s_job_executor``. Default: in-process with
+            one shard (the blocking checks hand the routed plan to the route step in memory);
+            with more, the code location's executor (``dg.Definitions(executor=...)``, else
+            Dagster's default, one process per step).
 
     Returns:
         Definitions holding the execution assets ``<playbook>/plan``, ``<playbook>/actions``
@@ -316,6 +333,12 @@ def build_execution_defs(
         raise ValueError("workflow_sensor_interval_seconds must be at least 1")
     if not 0 <= preview_rows <= 100:
         raise ValueError("preview_rows must be between 0 and 100")
+    check_shards(shards)
+    if shards > 1 and execute_fn is not None:
+        raise ValueError(
+            "execute_fn replaces the single execute step, and shards > 1 replaces that step by "
+            "record, deliver and merge steps: use one or the other"
+        )
     if insight_key in execution_asset_keys(book):
         raise ValueError(f"the insight {insight_key.to_user_string()!r} is an execution asset")
 
@@ -330,6 +353,7 @@ def build_execution_defs(
         preview_rows=preview_rows,
         execute_fn=execute_fn or default_execute,
         approval_links=approval_links,
+        shards=shards,
     )
     assets = build_execution_assets(setup)
     checks = build_insight_checks(
@@ -364,7 +388,9 @@ def build_execution_defs(
             insight_key=insight_key,
             partitions_def=setup.partitions_def,
         ),
-        executor_def=dg.in_process_executor,
+        # With shards the code location's executor applies unless one is given: Dagster's
+        # default (one process per step) or Definitions(executor=...) set by the project.
+        executor_def=executor_def or (dg.in_process_executor if shards == 1 else None),
         description=f"Validate, route and execute playbook {book.name!r} on one partition of "
         f"{setup.insight_name}.",
         tags={"autoexec/playbook": book.name},

@@ -57,6 +57,12 @@ from autoexec_dagster.dagster.routed_plans import ROUTED_PLANS
 from autoexec_dagster.errors import AutoexecError, InsightValidationError, PlaybookError
 from autoexec_dagster.executor.plan_execution import execute_plan
 from autoexec_dagster.executor.report import ExecutionReport
+from autoexec_dagster.executor.sharding import (
+    PreparedPartition,
+    deliver_shard,
+    merge_shards,
+    prepare_partition,
+)
 from autoexec_dagster.ledger.action_ledger import ActionLedger
 from autoexec_dagster.playbook import Playbook
 from autoexec_dagster.routing import route
@@ -64,6 +70,8 @@ from autoexec_dagster.routing import route
 PLAN, ACTIONS, ESCALATIONS = "plan", "actions", "escalations"
 # The routed plan handed from the route step to the execute step (not an asset).
 ROUTED = "routed_plan"
+# The recorded partition handed from the record step to the shard steps (sharded only).
+PREPARED = "prepared"
 PAUSED_RUN_TAG = "autoexec/paused"
 
 
@@ -143,6 +151,9 @@ class ExecutionSetup:
         preview_rows: Rows in each metadata preview.
         execute_fn: Executes a routed plan (override to customise execution).
         approval_links: Signed-link settings for approval notifications (None: none).
+        shards: Steps the delivery of a partition is split into (1: one ``execute`` step).
+        lease_seconds: How long a claim holds without a heartbeat before another worker may
+            recover it as abandoned.
     """
 
     playbook: Playbook
@@ -155,6 +166,8 @@ class ExecutionSetup:
     preview_rows: int = PREVIEW_ROWS
     execute_fn: ExecuteFn = field(default=default_execute)
     approval_links: ApprovalLinks | None = None
+    shards: int = 1
+    lease_seconds: float = 60.0
 
     @property
     def insight_name(self) -> str:
@@ -192,6 +205,23 @@ def _partition(context: dg.OpExecutionContext) -> str:
 def _failure(message: str, **metadata: Any) -> dg.Failure:
     # Bad input or configuration does not get better by retrying.
     return dg.Failure(description=message, metadata=metadata or None, allow_retries=False)
+
+
+def _paused(context: dg.OpExecutionContext, name: str, report: ExecutionReport) -> dg.Failure:
+    # The sensor finds the runs a pause interrupted by this tag once the pause is lifted.
+    context.instance.add_run_tags(context.run_id, {PAUSED_RUN_TAG: "true"})
+    return dg.Failure(
+        description=f"{name} [{report.partition_key or '-'}]: {report.paused_reason}. "
+        f"{report.pending:,} action(s) were not sent. Lift the pause (`autoexec status`, "
+        "`autoexec resume`): the sensor then requests this partition again, and nothing "
+        "already sent is sent again.",
+        metadata={
+            "paused_reason": report.paused_reason or "",
+            "pending": report.pending,
+            "succeeded": report.succeeded,
+        },
+        allow_retries=False,
+    )
 
 
 def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
@@ -295,26 +325,118 @@ def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
         except AutoexecError as exc:
             raise _failure(str(exc), playbook=name, partition=partition) from None
         if report.paused_reason:
-            # The sensor finds the runs a pause interrupted by this tag once the pause is lifted.
-            context.instance.add_run_tags(context.run_id, {PAUSED_RUN_TAG: "true"})
-            raise dg.Failure(
-                description=f"{name} [{partition or '-'}]: {report.paused_reason}. "
-                f"{report.pending:,} action(s) were not sent. Lift the pause (`autoexec status`, "
-                "`autoexec resume`): the sensor then requests this partition again, and nothing "
-                "already sent is sent again.",
-                metadata={
-                    "paused_reason": report.paused_reason,
-                    "pending": report.pending,
-                    "succeeded": report.succeeded,
-                },
-                allow_retries=False,
-            )
+            raise _paused(context, name, report)
         if report.blocked_reason:
             context.log.warning(
                 f"{name} [{partition or '-'}]: batch blocked by a guardrail and escalated: "
                 f"{report.blocked_reason}"
             )
         return report
+
+    shards = setup.shards
+    links: dict[str, Any] = {"approval_links": setup.approval_links}
+
+    @dg.op(
+        name=f"{name}_record",
+        ins={ROUTED: dg.In(description="The plan the route step routed.")},
+        out={PREPARED: dg.Out(io_manager_key=io_key)},
+        tags=tags,
+        description=f"Check, guard and record the plan once, for {shards} shard steps to deliver.",
+    )
+    def record(context: dg.OpExecutionContext, routed_plan: pd.DataFrame) -> PreparedPartition:
+        partition = _partition(context)
+        try:
+            prepared = prepare_partition(
+                routed_plan,
+                playbook=playbook,
+                ledger=ledger(),
+                channels=setup.channels,
+                shards=shards,
+                partition_key=partition,
+                insight_name=insight_name,
+                run_id=context.run_id,
+                dry_run=setup.dry_run,
+                log=context.log,
+            )
+        except AutoexecError as exc:
+            raise _failure(str(exc), playbook=name, partition=partition) from None
+        if prepared.report.paused_reason:
+            raise _paused(context, name, prepared.report)
+        if prepared.report.blocked_reason:
+            context.log.warning(
+                f"{name} [{partition or '-'}]: batch blocked by a guardrail and escalated: "
+                f"{prepared.report.blocked_reason}"
+            )
+        context.log.info(
+            f"{name} [{partition or '-'}]: {sum(map(len, prepared.to_send.values())):,} "
+            f"action(s) recorded for {shards} shards"
+        )
+        return prepared
+
+    def deliver_op(shard: int) -> dg.OpDefinition:
+        @dg.op(
+            name=f"{name}_deliver_{shard}",
+            ins={PREPARED: dg.In()},
+            out=dg.Out(io_manager_key=io_key),
+            tags={**tags, "autoexec/shard": str(shard)},
+            description=f"Deliver shard {shard + 1} of {shards} (the keys whose hash falls in "
+            f"it, with 1/{shards} of each channel's limits), recover what a dead sibling held, "
+            "and advance the partition's workflows alongside the other shards.",
+        )
+        def deliver(context: dg.OpExecutionContext, prepared: PreparedPartition) -> ExecutionReport:
+            try:
+                report = deliver_shard(
+                    prepared,
+                    shard=shard,
+                    playbook=playbook,
+                    ledger=ledger(),
+                    channels=setup.channels,
+                    run_id=context.run_id,
+                    lease_seconds=setup.lease_seconds,
+                    log=context.log,
+                    **links,
+                )
+            except AutoexecError as exc:
+                raise _failure(
+                    str(exc), playbook=name, partition=prepared.report.partition_key
+                ) from None
+            if report.paused_reason:
+                raise _paused(context, name, report)
+            return report
+
+        return deliver
+
+    @dg.op(
+        name=f"{name}_merge",
+        ins={PREPARED: dg.In(), "shard_reports": dg.In()},
+        out=dg.Out(io_manager_key=io_key),
+        tags=tags,
+        description="One report for the partition from its shards; deliver what no shard "
+        "finished and the actions people approved.",
+    )
+    def merge(
+        context: dg.OpExecutionContext, prepared: PreparedPartition, shard_reports: list
+    ) -> ExecutionReport:
+        try:
+            report = merge_shards(
+                prepared,
+                shard_reports,
+                playbook=playbook,
+                ledger=ledger(),
+                channels=setup.channels,
+                run_id=context.run_id,
+                lease_seconds=setup.lease_seconds,
+                log=context.log,
+            )
+        except AutoexecError as exc:
+            raise _failure(
+                str(exc), playbook=name, partition=prepared.report.partition_key
+            ) from None
+        if report.paused_reason:
+            raise _paused(context, name, report)
+        return report
+
+    delivers = [deliver_op(k) for k in range(shards)] if shards > 1 else []
 
     @dg.op(
         name=f"{name}_escalate",
@@ -419,7 +541,11 @@ def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
     )
     def _execution(insight: Any) -> dict[str, Any]:
         plan, routed_plan = route_op(insight)
-        report = execute(routed_plan)
+        if delivers:
+            prepared = record(routed_plan)
+            report = merge(prepared, [deliver(prepared) for deliver in delivers])
+        else:
+            report = execute(routed_plan)
         escalations = escalate(report)
         actions = summarize(report, escalations)
         outputs = {PLAN: plan, ESCALATIONS: escalations, ACTIONS: actions}

@@ -123,16 +123,30 @@ def _request(item: WorkItem) -> ActionRequest:
     )
 
 
+def shard_limits(channel: Channel, shares: int) -> tuple[int, float]:
+    """A channel's ``(max_concurrency, rate_limit_per_second)`` for one of ``shares`` workers.
+
+    The limits of a channel hold for a whole partition; a partition delivered by ``shares``
+    workers at once divides them evenly (concurrency rounded down, at least one request), so
+    their sum never exceeds the channel's. No worker talks to another, so nothing is shared at
+    run time and a worker that dies takes only its own share with it.
+    """
+    if shares < 1:
+        raise ValueError(f"shares must be at least 1, got {shares}")
+    return max(1, channel.max_concurrency // shares), channel.rate_limit_per_second / shares
+
+
 class _Lane:
     """Per-channel state of one delivery: breaker, bucket, in-flight accounting."""
 
-    def __init__(self, name: str, channel: Channel, keys: Sequence[str]):
+    def __init__(self, name: str, channel: Channel, keys: Sequence[str], *, shares: int = 1):
         self.name = name
         self.channel = channel
         self.keys = list(keys)
+        self.concurrency, rate = shard_limits(channel, shares)
         self.breaker = CircuitBreaker(channel.circuit_breaker_threshold)
-        self.bucket = TokenBucket(channel.rate_limit_per_second)
-        self.window = max(2 * channel.max_concurrency, 16)
+        self.bucket = TokenBucket(rate)
+        self.window = max(2 * self.concurrency, 16)
         self.outstanding = 0  # claimed and not yet committed
         self.capacity = asyncio.Condition()
         self.queued: set[str] = set()  # claimed, not yet picked up by a sender
@@ -156,6 +170,9 @@ class DeliveryEngine:
         escalate_failures: Open an escalation for each action that fails or meets an open
             circuit. Workflow steps turn this off: their workflow escalates the entity once, with
             the evidence of every step.
+        shares: How many workers deliver the partition at once (the shards of a sharded
+            execution); each channel's concurrency and rate limit are divided among them
+            (:func:`shard_limits`).
     """
 
     def __init__(
@@ -172,8 +189,10 @@ class DeliveryEngine:
         on_progress: Callable[[Progress], None] | None,
         log: Any,
         escalate_failures: bool = True,
+        shares: int = 1,
     ):
         self.escalate_failures = escalate_failures
+        self.shares = shares
         self._rows_lock = threading.Lock()
         self.ledger = ledger
         self.channels = channels
@@ -206,7 +225,9 @@ class DeliveryEngine:
                 are recoverable once their lease runs out.
         """
         lanes = [
-            _Lane(name, self.channels[name], keys) for name, keys in keys_by_action.items() if keys
+            _Lane(name, self.channels[name], keys, shares=self.shares)
+            for name, keys in keys_by_action.items()
+            if keys
         ]
         self.total = sum(len(lane.keys) for lane in lanes)
         if not lanes:
@@ -289,7 +310,7 @@ class DeliveryEngine:
         async with lane.channel.open_sender() as sender:
             workers = [
                 asyncio.create_task(self._deliver_loop(lane, sender, queue))
-                for _ in range(min(lane.channel.max_concurrency, len(lane.keys)))
+                for _ in range(min(lane.concurrency, len(lane.keys)))
             ]
             lane.senders = workers
             try:

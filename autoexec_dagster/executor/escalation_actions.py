@@ -25,10 +25,10 @@ from autoexec_dagster.channels.base import Channel
 from autoexec_dagster.errors import ChannelConfigError, PlanError
 from autoexec_dagster.executor.delivery import DeliveryEngine
 from autoexec_dagster.executor.outside_loop import run_outside_loop
-from autoexec_dagster.executor.recording import entity_data
+from autoexec_dagster.executor.recovery import escalation_context_of, recover_in_doubt
 from autoexec_dagster.executor.report import ExecutionReport
 from autoexec_dagster.ledger.action_ledger import ActionLedger
-from autoexec_dagster.ledger.schema import IN_DOUBT, RESERVED
+from autoexec_dagster.ledger.schema import RESERVED
 from autoexec_dagster.playbook import Playbook
 
 __all__ = ["deliver_approved_escalations", "deliver_approved_escalations_async"]
@@ -186,7 +186,9 @@ def _prepare(
             for reason in {r for r, _ in refused.values()}:
                 report.note_escalation(f"{action}: {reason}")
         to_send[action] = [k for k in keys if k not in refused]
-    _recover(ledger, to_send, report, log=log)
+    recover_in_doubt(
+        ledger, to_send, report, reason=_AT_MOST_ONCE_REASON, what="approved action(s)", log=log
+    )
     return report, {action: keys for action, keys in to_send.items() if keys}
 
 
@@ -235,50 +237,7 @@ def _escalate_refused(
             keys,
             kind="delivery_failed",
             reason=reason,
-            context={key: _context(refused[key][1]) for key in keys},
+            context={key: escalation_context_of(refused[key][1]) for key in keys},
             from_states=(RESERVED,),
         )
     return escalated
-
-
-def _context(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "playbook": row["playbook"],
-        "playbook_version": row["playbook_version"],
-        "insight": row["insight"],
-        "partition_key": row["partition_key"],
-        "entity_id": row["entity_id"],
-        "rule": row["rule"],
-        "data": entity_data(row["data"]),
-    }
-
-
-def _recover(
-    ledger: ActionLedger, to_send: dict[str, list[str]], report: ExecutionReport, *, log: Any
-) -> None:
-    """Approved actions a crashed worker left in doubt: resend at-least-once, escalate
-    at-most-once (as execute_plan does for routed actions)."""
-    keys = [key for action_keys in to_send.values() for key in action_keys]
-    recovered = ledger.recover(keys)
-    if not recovered:
-        return
-    report.in_doubt_recovered = len(recovered)
-    at_most_once = [k for k, mode in recovered.items() if mode == "at_most_once"]
-    if at_most_once:
-        rows = ledger.approved_action_rows(at_most_once, states=(IN_DOUBT,))
-        escalated = ledger.escalate_actions(
-            at_most_once,
-            kind="in_doubt",
-            reason=_AT_MOST_ONCE_REASON,
-            context={key: _context(row) for key, row in rows.items()},
-            from_states=(IN_DOUBT,),
-        )
-        report.escalated += len(escalated)
-        report.note_escalation(_AT_MOST_ONCE_REASON, len(escalated))
-        gone = set(escalated)
-        for action, action_keys in to_send.items():
-            to_send[action] = [k for k in action_keys if k not in gone]
-    log.warning(
-        f"{report.playbook}: {len(recovered)} approved action(s) were in doubt after a crash; "
-        f"{len(recovered) - len(at_most_once)} are resent with the same key"
-    )

@@ -153,7 +153,7 @@ async def execute_plan_async(
     # Before anything is recorded: a variant overriding a field its channel lacks is refused.
     channels = with_variants(channels, experiments_by_action(playbook))
     prepared = await asyncio.to_thread(
-        _prepare,
+        prepare_plan,
         plan,
         playbook=playbook,
         ledger=ledger,
@@ -218,7 +218,7 @@ async def execute_plan_async(
     return report
 
 
-def _prepare(
+def prepare_plan(
     plan: pd.DataFrame,
     *,
     playbook: Playbook,

@@ -107,6 +107,30 @@ class ExecutionReport:
             self.still_open_escalations.get(partition_key, 0) + 1
         )
 
+    def add_delivery(self, other: "ExecutionReport") -> None:
+        """Add what another worker delivered of the same partition (a shard's report).
+
+        Only what delivery counts is added (sent, failed, escalated by a channel or a crash,
+        retries, claims, pauses, circuits); what routing and recording counted stays with the
+        report of the step that recorded the plan.
+        """
+        for name in _DELIVERY_COUNTS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for action, tally in other.by_action.items():
+            for outcome, n in tally.items():
+                self.count(action, outcome, n)
+        for reason, n in other.escalation_reasons.items():
+            self.note_escalation(reason, n)
+        for message in other.errors:
+            self.note_error(message)
+        self.circuit_opened += [a for a in other.circuit_opened if a not in self.circuit_opened]
+        self.paused_reason = self.paused_reason or other.paused_reason
+        if other.workflows is not None:
+            if self.workflows is None:
+                self.workflows = other.workflows
+            else:
+                self.workflows.add(other.workflows)
+
     @property
     def still_open(self) -> int:
         """Entities whose escalation is still open from an earlier partition."""
@@ -271,4 +295,14 @@ _OUTCOMES = (
     "over_budget",
     "dry_run",
     "already_done",
+)
+
+_DELIVERY_COUNTS = (
+    "succeeded",
+    "failed",
+    "escalated",
+    "pending",
+    "claimed_elsewhere",
+    "retries",
+    "in_doubt_recovered",
 )

@@ -132,6 +132,27 @@ class Outbox(LedgerBase):
                     found[key] = (state, worker)
         return found
 
+    def stale_claims(self, keys: Sequence[str], *, now: float | None = None) -> list[str]:
+        """The keys of ``keys`` left in ``sending`` by a dead worker, read without locking.
+
+        The same test as :meth:`recover` (lease run out, or on this machine the process gone),
+        so a sweep can narrow what it recovers to rows no live worker holds, and never waits on
+        one.
+        """
+        t = schema.actions
+        moment = time.time() if now is None else now
+        stale: list[str] = []
+        with self._read("find stale claims") as conn:
+            for chunk in chunks(keys):
+                for key, worker, lease in conn.execute(
+                    sa.select(t.c.idempotency_key, t.c.worker, t.c.lease_expires_at).where(
+                        t.c.idempotency_key.in_(chunk), t.c.state == SENDING
+                    )
+                ):
+                    if (lease is not None and lease < moment) or worker_is_dead(worker):
+                        stale.append(key)
+        return stale
+
     def recover(self, keys: Sequence[str], *, now: float | None = None) -> dict[str, str]:
         """Mark actions left in ``sending`` by a dead worker as ``in_doubt``.
 

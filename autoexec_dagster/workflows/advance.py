@@ -70,6 +70,7 @@ def advance_workflows(
     max_instances: int | None = None,
     log: logging.Logger | Any | None = None,
     approval_links: ApprovalLinks | None = None,
+    shares: int = 1,
 ) -> WorkflowReport:
     """Advance every due workflow instance of a playbook as far as it can go now.
 
@@ -88,6 +89,9 @@ def advance_workflows(
         approval_links: Where ``autoexec serve`` listens and the secret its links are signed
             with; approval notifications then carry signed approve and reject links (None: the
             notifications name the request for the command line only).
+        shares: How many workers advance the partition's workflows at once (the shards of a
+            sharded execution): each claims its own instances, and the step channels' limits
+            are divided among them.
 
     Returns:
         The :class:`WorkflowReport`.
@@ -108,6 +112,7 @@ def advance_workflows(
             max_instances=max_instances,
             log=log,
             approval_links=approval_links,
+            shares=shares,
         ),
         name="advance_workflows",
     )
@@ -125,6 +130,7 @@ async def advance_workflows_async(
     log: logging.Logger | Any | None = None,
     report: WorkflowReport | None = None,
     approval_links: ApprovalLinks | None = None,
+    shares: int = 1,
 ) -> WorkflowReport:
     """Async form of :func:`advance_workflows`, with the same arguments and behaviour."""
     started = time.perf_counter()
@@ -146,6 +152,7 @@ async def advance_workflows_async(
         lease_seconds=lease_seconds,
         log=out,
         links=approval_links,
+        shares=shares,
     )
     seen: set[str] = set()
     while max_instances is None or len(seen) < max_instances:
@@ -254,7 +261,9 @@ class _Advancer:
         lease_seconds: float,
         log: Any,
         links: ApprovalLinks | None = None,
+        shares: int = 1,
     ):
+        self.shares = shares
         self.playbook = playbook
         self.ledger = ledger
         self.channels = channels
@@ -608,6 +617,7 @@ class _Advancer:
             on_progress=None,
             log=self.log,
             escalate_failures=False,
+            shares=self.shares,
         )
 
     def _reserve(self, keyed: list[tuple[Instance, Step, str]]) -> dict[str, list[str]]:

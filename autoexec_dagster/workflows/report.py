@@ -66,6 +66,23 @@ class WorkflowReport:
         if len(self.errors) < 20:
             self.errors.append(message)
 
+    def add(self, other: "WorkflowReport") -> None:
+        """Add what another worker's advance of the same partition did (a sibling shard's).
+
+        Counts add up, the earliest ``next_due`` wins, and the durations of workers that ran at
+        the same time are not summed: the longest is kept.
+        """
+        for name in _COUNTS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        if other.next_due is not None and (self.next_due is None or other.next_due < self.next_due):
+            self.next_due = other.next_due
+        for step, tally in other.by_step.items():
+            for outcome, n in tally.items():
+                self.count(step, outcome, n)
+        for message in other.errors:
+            self.note_error(message)
+        self.duration_seconds = max(self.duration_seconds, other.duration_seconds)
+
     def as_dict(self) -> dict[str, Any]:
         """Everything in the report as plain data."""
         return {
@@ -91,3 +108,21 @@ class WorkflowReport:
             "errors": list(self.errors),
             "duration_seconds": self.duration_seconds,
         }
+
+
+_COUNTS = (
+    "advanced",
+    "steps_delivered",
+    "steps_skipped",
+    "waiting",
+    "running",
+    "succeeded",
+    "failed",
+    "rejected",
+    "approvals_requested",
+    "approved_by_rule",
+    "approved",
+    "expired",
+    "notifications",
+    "escalated",
+)
