@@ -27,6 +27,7 @@ Two ways to run it:
 
 import argparse
 import contextlib
+import faulthandler
 import json
 import os
 import queue
@@ -290,6 +291,9 @@ def _emit(message: Mapping[str, Any]) -> None:
 def _child(spec: Mapping[str, Any], trial: Callable[[Mapping[str, Any]], dict[str, Any]]) -> None:
     # The server's stdout is the protocol channel: the child's own output goes to stderr.
     os.dup2(2, 1)
+    # A hung child is asked for its threads' stacks before it is killed (ForkServer.run).
+    stacks = open(spec["result_path"] + ".stacks", "w")  # noqa: SIM115  (open until _exit)
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     code = 1
     try:
         outcome = trial(spec)
@@ -345,6 +349,7 @@ class Trial:
     timed_out: bool = False
     pid: int = 0
     fault: dict[str, Any] | None = None
+    stacks: str = ""  # every thread's stack, when the trial hung and was killed
 
     @property
     def killed(self) -> bool:
@@ -356,6 +361,8 @@ class Trial:
             head += f", fault in {self.fault['method']}: {self.fault['statement']!r}"
         if self.result and self.result.get("outcome") == "error":
             head += f", {self.result['error_type']}: {self.result['error'][:300]}"
+        if self.stacks:
+            head += f"\nstacks when it was killed:\n{self.stacks[-6000:]}"
         return head
 
 
@@ -421,10 +428,12 @@ class ForkServer:
             message = self._next(timeout=deadline)
         except TimeoutError:
             timed_out = True
+            self._dump_stacks(pid, Path(f"{result_path}.stacks"))
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             message = self._next(timeout=60)
         fault_path = Path(f"{result_path}.fault")
+        stacks_path = Path(f"{result_path}.stacks")
         return Trial(
             code=message["code"],
             result=message["result"],
@@ -432,7 +441,23 @@ class ForkServer:
             timed_out=timed_out,
             pid=pid,
             fault=json.loads(fault_path.read_text()) if fault_path.exists() else None,
+            stacks=stacks_path.read_text(errors="replace") if timed_out else "",
         )
+
+    @staticmethod
+    def _dump_stacks(pid: int, path: Path) -> None:
+        """Have a hung child write every thread's stack to ``path`` (faulthandler, SIGUSR1).
+
+        The handler is C code that runs as the signal arrives, even while Python is blocked; the
+        file is polled for a bounded time so that a child that cannot answer is still killed.
+        """
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+        until = time.monotonic() + 5
+        while time.monotonic() < until:
+            if path.exists() and path.stat().st_size and "File" in path.read_text(errors="replace"):
+                return
+            time.sleep(0.05)
 
     def close(self) -> None:
         if self.process.stdin is not None:
