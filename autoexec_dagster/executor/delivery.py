@@ -518,8 +518,11 @@ class DeliveryEngine:
 
     async def _flusher(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+            # that arrives just as the event is set, and a failed run would never end.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.flush_wanted.wait(), timeout=0.25)
+                async with asyncio.timeout(0.25):
+                    await self.flush_wanted.wait()
             self.flush_wanted.clear()
             await self._flush()
             if self.stopping and not self.buffer:
