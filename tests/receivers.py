@@ -16,6 +16,7 @@ import asyncio
 import json
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -82,6 +83,9 @@ class WebhookReceiver(AiohttpServer):
         self._duplicates = 0
         self._rejected = 0
         self._statuses: Counter[int] = Counter()
+        self._arrivals: list[float] = []  # time.monotonic() of each request's arrival
+        self._in_flight = 0
+        self._max_in_flight = 0
 
     @property
     def url(self) -> str:
@@ -96,6 +100,17 @@ class WebhookReceiver(AiohttpServer):
     # -- the handler -----------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.Response:
+        with self._lock:
+            self._arrivals.append(time.monotonic())
+            self._in_flight += 1
+            self._max_in_flight = max(self._max_in_flight, self._in_flight)
+        try:
+            return await self._answer(request)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    async def _answer(self, request: web.Request) -> web.Response:
         body = await request.read()
         if self.latency_seconds:
             await asyncio.sleep(self.latency_seconds)
@@ -176,6 +191,18 @@ class WebhookReceiver(AiohttpServer):
         """How often each status was answered."""
         with self._lock:
             return Counter(self._statuses)
+
+    @property
+    def arrivals(self) -> list[float]:
+        """When each request arrived (``time.monotonic()``, in arrival order; a copy)."""
+        with self._lock:
+            return list(self._arrivals)
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most requests this receiver was handling at once."""
+        with self._lock:
+            return self._max_in_flight
 
     def wait_for_requests(self, count: int, timeout: float = DEFAULT_TIMEOUT) -> bool:
         """Block until at least ``count`` requests arrived; False on timeout."""

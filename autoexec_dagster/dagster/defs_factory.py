@@ -239,6 +239,7 @@ def build_execution_defs(
     outcomes_partitions_def: dg.PartitionsDefinition | None = None,
     shards: int = 1,
     executor_def: dg.ExecutorDefinition | None = None,
+    lease_seconds: float = 60.0,
 ) -> dg.Definitions:
     """Definitions that execute a playbook on every new partition of an insight asset.
 
@@ -307,6 +308,10 @@ def build_execution_defs(
             one shard (the blocking checks hand the routed plan to the route step in memory);
             with more, the code location's executor (``dg.Definitions(executor=...)``, else
             Dagster's default, one process per step).
+        lease_seconds: How long a shard's claim on an action holds without a heartbeat
+            (every third of it); once it runs out, a sibling shard or the step run again may
+            recover the action. A worker that died on the same machine is recovered at once.
+            Applies to the shard steps; the single execute step keeps ``execute_plan``'s 60 s.
 
     Returns:
         Definitions holding the execution assets ``<playbook>/plan``, ``<playbook>/actions``
@@ -334,6 +339,8 @@ def build_execution_defs(
     if not 0 <= preview_rows <= 100:
         raise ValueError("preview_rows must be between 0 and 100")
     check_shards(shards)
+    if not lease_seconds > 0:
+        raise ValueError(f"lease_seconds must be positive, got {lease_seconds!r}")
     if shards > 1 and execute_fn is not None:
         raise ValueError(
             "execute_fn replaces the single execute step, and shards > 1 replaces that step by "
@@ -354,6 +361,7 @@ def build_execution_defs(
         execute_fn=execute_fn or default_execute,
         approval_links=approval_links,
         shards=shards,
+        lease_seconds=lease_seconds,
     )
     assets = build_execution_assets(setup)
     checks = build_insight_checks(
