@@ -28,7 +28,8 @@ materialization carries a masked preview of at most 20 rows, so a partition cost
 events whatever its size.
 """
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -224,6 +225,20 @@ def _paused(context: dg.OpExecutionContext, name: str, report: ExecutionReport) 
     )
 
 
+@contextlib.contextmanager
+def _step_failure(name: str, partition: str) -> Iterator[None]:
+    """End the step with a Failure naming the playbook and partition on a library error."""
+    try:
+        yield
+    except AutoexecError as exc:
+        raise _failure(str(exc), playbook=name, partition=partition) from None
+
+
+def _unless_paused(context: dg.OpExecutionContext, name: str, report: ExecutionReport) -> None:
+    if report.paused_reason:
+        raise _paused(context, name, report)
+
+
 def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
     """The graph-backed assets ``<playbook>/plan``, ``/actions`` and ``/escalations``.
 
@@ -310,7 +325,7 @@ def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
         extra: dict[str, Any] = (
             {"approval_links": setup.approval_links} if setup.approval_links else {}
         )
-        try:
+        with _step_failure(name, partition):
             report = setup.execute_fn(
                 context,
                 routed_plan,
@@ -322,10 +337,7 @@ def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
                 dry_run=setup.dry_run,
                 **extra,
             )
-        except AutoexecError as exc:
-            raise _failure(str(exc), playbook=name, partition=partition) from None
-        if report.paused_reason:
-            raise _paused(context, name, report)
+        _unless_paused(context, name, report)
         if report.blocked_reason:
             context.log.warning(
                 f"{name} [{partition or '-'}]: batch blocked by a guardrail and escalated: "
@@ -345,7 +357,7 @@ def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
     )
     def record(context: dg.OpExecutionContext, routed_plan: pd.DataFrame) -> PreparedPartition:
         partition = _partition(context)
-        try:
+        with _step_failure(name, partition):
             prepared = prepare_partition(
                 routed_plan,
                 playbook=playbook,
@@ -358,10 +370,7 @@ def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
                 dry_run=setup.dry_run,
                 log=context.log,
             )
-        except AutoexecError as exc:
-            raise _failure(str(exc), playbook=name, partition=partition) from None
-        if prepared.report.paused_reason:
-            raise _paused(context, name, prepared.report)
+        _unless_paused(context, name, prepared.report)
         if prepared.report.blocked_reason:
             context.log.warning(
                 f"{name} [{partition or '-'}]: batch blocked by a guardrail and escalated: "
@@ -384,7 +393,7 @@ def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
             "and advance the partition's workflows alongside the other shards.",
         )
         def deliver(context: dg.OpExecutionContext, prepared: PreparedPartition) -> ExecutionReport:
-            try:
+            with _step_failure(name, prepared.report.partition_key):
                 report = deliver_shard(
                     prepared,
                     shard=shard,
@@ -396,12 +405,7 @@ def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
                     log=context.log,
                     **links,
                 )
-            except AutoexecError as exc:
-                raise _failure(
-                    str(exc), playbook=name, partition=prepared.report.partition_key
-                ) from None
-            if report.paused_reason:
-                raise _paused(context, name, report)
+            _unless_paused(context, name, report)
             return report
 
         return deliver
@@ -417,7 +421,7 @@ def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
     def merge(
         context: dg.OpExecutionContext, prepared: PreparedPartition, shard_reports: list
     ) -> ExecutionReport:
-        try:
+        with _step_failure(name, prepared.report.partition_key):
             report = merge_shards(
                 prepared,
                 shard_reports,
@@ -428,12 +432,7 @@ def build_execution_assets(setup: ExecutionSetup) -> dg.AssetsDefinition:
                 lease_seconds=setup.lease_seconds,
                 log=context.log,
             )
-        except AutoexecError as exc:
-            raise _failure(
-                str(exc), playbook=name, partition=prepared.report.partition_key
-            ) from None
-        if report.paused_reason:
-            raise _paused(context, name, report)
+        _unless_paused(context, name, report)
         return report
 
     delivers = [deliver_op(k) for k in range(shards)] if shards > 1 else []
