@@ -7,7 +7,8 @@ Prints each benchmark's figures (with its baseline, measured in the same run), t
 table of targets, and exits 1 if a target is missed. Each benchmark also runs alone:
 ``python -m bench.bench_execution``, ``bench.bench_routing``, ``bench.bench_memory``,
 ``bench.bench_sensor``, ``bench.bench_workflows``, ``bench.bench_approvals``,
-``bench.bench_experiment_analysis``; the statistical honesty of experiments over many seeds is
+``bench.bench_experiment_analysis``, ``bench.bench_sharding`` (PostgreSQL on 127.0.0.1:5432, or
+``$AUTOEXEC_BENCH_PG``); the statistical honesty of experiments over many seeds is
 ``bench/bench_experiment_stats.py`` (minutes of simulation, run on its own).
 """
 
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             "workflows",
             "approvals",
             "experiment_analysis",
+            "sharding",
         ],
         help="run only these benchmarks",
     )
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_memory,
         bench_routing,
         bench_sensor,
+        bench_sharding,
         bench_workflows,
     )
 
@@ -145,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "workflows",
         "approvals",
         "experiment_analysis",
+        "sharding",
     ]
     started = time.perf_counter()
     print(f"autoexec_dagster benchmarks ({'quick smoke' if args.quick else 'full'})")
@@ -227,6 +231,15 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(bench_experiment_analysis.report(result)))
         results["experiment_analysis"] = result
         checks += bench_experiment_analysis.checks(result)
+    if "sharding" in selected:
+        print("\n== sharding: one partition delivered by 1, 2 and 3 shard steps ==", flush=True)
+        wait_until_quiet(args.wait_quiet)
+        result = bench_sharding.run(
+            actions=bench_sharding.QUICK_ACTIONS if args.quick else bench_sharding.DEFAULT_ACTIONS
+        )
+        print("\n".join(bench_sharding.report(result)))
+        results["sharding"] = result
+        checks += bench_sharding.checks(result)
 
     width = max(len(c.name) for c in checks)
     measured = max(len(c.measured) for c in checks)

@@ -4,6 +4,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from autoexec_dagster.workflows.report import WorkflowReport
+
 
 @dataclass
 class ExecutionReport:
@@ -127,9 +129,12 @@ class ExecutionReport:
         self.paused_reason = self.paused_reason or other.paused_reason
         if other.workflows is not None:
             if self.workflows is None:
-                self.workflows = other.workflows
-            else:
-                self.workflows.add(other.workflows)
+                # A report of its own: adding the next one must not change ``other``'s.
+                self.workflows = WorkflowReport(
+                    playbook=other.workflows.playbook,
+                    partition_key=other.workflows.partition_key,
+                )
+            self.workflows.add(other.workflows)
 
     @property
     def still_open(self) -> int:
