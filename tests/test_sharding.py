@@ -994,7 +994,7 @@ def test_a_component_overriding_execute_cannot_have_shards(tmp_path: Path) -> No
     component = AuditedExecution.resolve_from_yaml(
         yaml.safe_dump(attributes(tmp_path, playbook=json_ready(churn_playbook()), shards=2))
     )
-    with pytest.raises(ValueError, match="execute_fn replaces the single execute step"):
+    with pytest.raises(ValueError, match=r"AuditedExecution overrides execute\(\), which replaces"):
         component.build_defs(dg.ComponentTree.for_test().load_context)
 
 

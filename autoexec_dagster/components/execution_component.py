@@ -327,6 +327,13 @@ class ExecutionComponent(dg.Component, dg.Model, dg.Resolvable):
             PlaybookError: The playbook is invalid.
             ChannelConfigError: A channel is invalid or an action has no channel.
         """
+        overrides_execute = type(self).execute is not ExecutionComponent.execute
+        if self.shards > 1 and overrides_execute:
+            raise ValueError(
+                f"{type(self).__name__} overrides execute(), which replaces the single execute "
+                f"step, and shards: {self.shards} replaces that step by record, deliver and "
+                "merge steps: use one or the other"
+            )
         try:
             partitions_def = self.partitions.build() if self.partitions else None
             outcome_partitions = (
@@ -354,10 +361,7 @@ class ExecutionComponent(dg.Component, dg.Model, dg.Resolvable):
             else dg.DefaultScheduleStatus.STOPPED,
             schedule_timezone=self.schedule_timezone,
             flagged_share_blocking=self.flagged_share_blocking,
-            # A subclass's execute() with shards > 1 is refused by build_execution_defs.
-            execute_fn=self.execute
-            if self.shards == 1 or type(self).execute is not ExecutionComponent.execute
-            else None,
+            execute_fn=self.execute if self.shards == 1 else None,
             shards=self.shards,
             outcomes=self.outcomes,
             outcomes_partitions_def=outcome_partitions,

@@ -128,8 +128,10 @@ def shard_limits(channel: Channel, shares: int) -> tuple[int, float]:
 
     The limits of a channel hold for a whole partition; a partition delivered by ``shares``
     workers at once divides them evenly (concurrency rounded down, at least one request), so
-    their sum never exceeds the channel's. No worker talks to another, so nothing is shared at
-    run time and a worker that dies takes only its own share with it.
+    their sum never exceeds the channel's rate, nor its concurrency when that is at least
+    ``shares`` (below, each worker still sends one request at a time). No worker talks to
+    another, so nothing is shared at run time and a worker that dies takes only its own share
+    with it.
     """
     if shares < 1:
         raise ValueError(f"shares must be at least 1, got {shares}")
