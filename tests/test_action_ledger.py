@@ -1,9 +1,11 @@
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy import event
 
 from autoexec_dagster.errors import LedgerError
 from autoexec_dagster.ledger import schema
@@ -190,13 +192,13 @@ def test_a_claim_on_postgres_finds_its_rows_by_key_whatever_the_statistics(postg
     # the batch, so each claim cost grew with the partition (bench/RESULTS.md, sharding).
     ledger = ActionLedger(postgres_url)
     ledger.reserve(_rows(20_000))
-    statements: list[tuple[str, object]] = []
+    statements: list[tuple[str, Any]] = []
 
     def capture(conn, cursor, statement, parameters, context, executemany):
         if statement.lstrip().upper().startswith("UPDATE"):
             statements.append((statement, parameters))
 
-    sa.event.listen(ledger.engine, "before_cursor_execute", capture)
+    event.listen(ledger.engine, "before_cursor_execute", capture)
     try:
         claimed = ledger.claim(
             [f"k{i}" for i in range(0, 20_000, 625)],
@@ -205,15 +207,18 @@ def test_a_claim_on_postgres_finds_its_rows_by_key_whatever_the_statistics(postg
             run_id="r",
         )
     finally:
-        sa.event.remove(ledger.engine, "before_cursor_execute", capture)
+        event.remove(ledger.engine, "before_cursor_execute", capture)
     assert len(claimed) == 32 and len(statements) == 1
     statement, parameters = statements[0]
     with ledger.engine.connect() as conn:
         raw = conn.connection.dbapi_connection
         assert raw is not None
-        with raw.cursor() as cursor:
-            cursor.execute("EXPLAIN (FORMAT JSON) " + statement, parameters)
-            plan = json.dumps(cursor.fetchone()[0])
+        cursor = raw.cursor()
+        cursor.execute("EXPLAIN (FORMAT JSON) " + statement, parameters)
+        row = cursor.fetchone()
+        assert row is not None
+        plan = json.dumps(row[0])
+        cursor.close()
     ledger.dispose()
     assert "ix_autoexec_actions_state" not in plan, plan
     assert "autoexec_actions_pkey" in plan, plan
