@@ -41,7 +41,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -67,7 +66,7 @@ from autoexec_dagster.ledger.action_ledger import ActionLedger
 from autoexec_dagster.routing import route
 from bench.bench_execution import ACTION, SECRET, _signed_headers, webhook_insight
 from bench.bench_routing import INSIGHT, PARTITION, Check, finish, machine_busy_seconds, other_load
-from bench.slow_server import REPO_ROOT, SlowServer, _LatencyServer
+from bench.slow_server import SlowServer, _LatencyServer
 
 TARGET_SPEEDUP_PER_SHARD = 0.8
 TARGET_RAW_RATIO = 0.7
@@ -302,8 +301,9 @@ class ShardReceiver(SlowServer):
         super().__init__(latency_ms=latency_ms, max_seconds=max_seconds)
         self.shards = shards
 
-    def __enter__(self) -> "ShardReceiver":
-        command = [
+    def command(self) -> list[str]:
+        """This module's ``serve`` command, which counts per shard."""
+        return [
             sys.executable,
             "-m",
             "bench.bench_sharding",
@@ -315,16 +315,6 @@ class ShardReceiver(SlowServer):
             "--max-seconds",
             str(self.max_seconds),
         ]
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-        self._process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True
-        )
-        try:
-            self.port = self._read_port(self._process)
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
     def figures(self) -> dict[str, Any]:
         """:meth:`_TimingServer.figures` of the running receiver."""

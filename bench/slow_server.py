@@ -29,7 +29,7 @@ import urllib.request
 import zlib
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 
@@ -142,8 +142,9 @@ class SlowServer:
             raise RuntimeError("the server is not running")
         return self._process.pid
 
-    def __enter__(self) -> "SlowServer":
-        command = [
+    def command(self) -> list[str]:
+        """The server process's command line (a subclass serves its own kind of server)."""
+        return [
             sys.executable,
             "-m",
             "bench.slow_server",
@@ -154,9 +155,11 @@ class SlowServer:
             "--max-seconds",
             str(self.max_seconds),
         ]
+
+    def __enter__(self) -> Self:
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         self._process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True
+            self.command(), cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True
         )
         try:
             self.port = self._read_port(self._process)

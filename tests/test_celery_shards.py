@@ -222,21 +222,24 @@ def _run(found: Deployment) -> Run:
         return Run(success, executions)
 
 
-def _delivered_by_pid(ledger_url: str) -> Counter[int]:
-    """Succeeded actions per process id of the worker that delivered them (ledger ``worker``)."""
+def _actions_by_pid(ledger_url: str, state: str) -> Counter[int]:
+    """Actions in ``state`` per process id of the worker that holds or delivered them."""
     ledger = ActionLedger(ledger_url)
     try:
         t = schema.actions
         with ledger.engine.connect() as conn:
             rows = conn.execute(
-                sa.select(t.c.worker).where(
-                    t.c.partition_key == PARTITION, t.c.state == schema.SUCCEEDED
-                )
+                sa.select(t.c.worker).where(t.c.partition_key == PARTITION, t.c.state == state)
             ).all()
     finally:
         ledger.dispose()
     # host:boot:pid:start:random (autoexec_dagster.ledger.liveness.new_worker_id)
-    return Counter(int(str(worker).split(":")[2]) for (worker,) in rows)
+    return Counter(int(str(worker).split(":")[2]) for (worker,) in rows if worker)
+
+
+def _delivered_by_pid(ledger_url: str) -> Counter[int]:
+    """Succeeded actions per process id of the worker that delivered them (ledger ``worker``)."""
+    return _actions_by_pid(ledger_url, schema.SUCCEEDED)
 
 
 def _state_counts(ledger_url: str) -> dict[str, int]:
@@ -353,15 +356,4 @@ def test_a_killed_worker_loses_nothing_and_its_step_is_finished_by_another(
 
 def _holding_pids(ledger_url: str) -> set[int]:
     """Process ids of the workers holding claims (``sending``) in the partition right now."""
-    ledger = ActionLedger(ledger_url)
-    try:
-        t = schema.actions
-        with ledger.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(t.c.worker)
-                .where(t.c.partition_key == PARTITION, t.c.state == schema.SENDING)
-                .distinct()
-            ).all()
-    finally:
-        ledger.dispose()
-    return {int(str(worker).split(":")[2]) for (worker,) in rows if worker}
+    return set(_actions_by_pid(ledger_url, schema.SENDING))
